@@ -1,0 +1,32 @@
+"""`python -m modelhost.broker [--config FILE]`: the broker process alone.
+
+`modelhost up` starts it under its supervisor; systemd starts it directly.
+"""
+
+import argparse
+import sys
+
+from modelhost import protocol
+
+from .broker import Broker
+from .config import ConfigError, load_config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m modelhost.broker")
+    parser.add_argument("--config", help="configuration file (default: the embedded default)")
+    parser.add_argument("--parent-pid", type=int,
+                        help="exit when this supervising process is gone")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print("modelhost broker: refusing to start on a bad configuration:\n{}".format(exc),
+              file=sys.stderr)
+        return 2
+    protocol.configure_logging("broker", config.broker.log_level)
+    return Broker(config, parent_pid=args.parent_pid).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

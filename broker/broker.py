@@ -1,0 +1,327 @@
+"""The broker process: two ROUTER sockets and one poll loop around the scheduler.
+
+The loop turns frames, daemon process exits (pidfds) and timer ticks into
+scheduler events, and carries out the scheduler's effects as frames. Payload
+frames are forwarded as the zmq.Frame objects they arrived in: never decoded,
+never copied. Nothing here blocks on a daemon, and no input can kill the loop:
+a bad message is answered with an error where a reply is possible and logged
+where not.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+import uuid
+
+import zmq
+
+from modelhost import protocol
+from modelhost.errors import ModelhostError
+
+from .config import Config
+from .scheduler import DaemonLimits, Request, Scheduler
+
+log = logging.getLogger("modelhost.broker")
+
+
+def prepare_ipc(endpoint: str) -> None:
+    """Create the ipc socket's directory, owner-only, and clear a stale socket file."""
+    if not endpoint.startswith("ipc://"):
+        return
+    path = endpoint[len("ipc://"):]
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    if os.path.exists(path):
+        os.unlink(path)
+
+
+class Broker:
+    def __init__(self, config: Config, *, clock=time.monotonic, parent_pid: int | None = None):
+        self.config = config
+        self.clock = clock
+        self.parent_pid = parent_pid
+        self.instance = uuid.uuid4().hex[:12]
+        self.started = clock()
+        broker = config.broker
+        limits = {
+            name: DaemonLimits(concurrency=d.concurrency, max_queue=d.max_queue,
+                               max_payload_bytes=d.max_payload_bytes or broker.max_payload_bytes)
+            for name, d in config.daemons.items()
+        }
+        self.scheduler = Scheduler(limits, self, clock,
+                                   daemon_expiry_s=broker.heartbeat_s * broker.liveness,
+                                   client_expiry_s=broker.client_liveness_s)
+        self.context = zmq.Context()
+        self.frontend = self._router(broker.frontend)
+        self.backend = self._router(broker.backend)
+        self.poller = zmq.Poller()
+        self.poller.register(self.frontend, zmq.POLLIN)
+        self.poller.register(self.backend, zmq.POLLIN)
+        self.pidfds: dict[int, str] = {}  # fd -> daemon name
+        self.stopping = False
+
+    def _router(self, endpoint: str) -> zmq.Socket:
+        socket = self.context.socket(zmq.ROUTER)
+        # A peer that reconnects with its identity takes over its old route.
+        socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # Never drop a reply because a peer is slow to read: a lost terminal
+        # reply would break the one-terminal-reply contract.
+        socket.setsockopt(zmq.SNDHWM, 0)
+        socket.setsockopt(zmq.LINGER, 0)
+        # A hard cap per frame; the per-daemon limit is checked softly with an
+        # error reply, this one protects the broker's memory.
+        socket.setsockopt(zmq.MAXMSGSIZE, self.config.broker.max_payload_bytes + 2**20)
+        prepare_ipc(endpoint)
+        socket.bind(endpoint)
+        return socket
+
+    # --- effects (called by the scheduler) ----------------------------------
+
+    def dispatch(self, daemon, request: Request) -> None:
+        header = dict(request.forward, op=protocol.CALL, id=request.id, client=request.client)
+        if request.deadline is not None:
+            header["timeout"] = max(0.0, request.deadline - self.clock())
+        self.backend.send_multipart([daemon.identity] + protocol.encode(header, request.payloads),
+                                    copy=False)
+        # The broker keeps no reference to payloads once they are sent.
+        request.payloads = []
+
+    def cancel_remote(self, daemon, request: Request) -> None:
+        if daemon.identity is not None:
+            self.backend.send_multipart([daemon.identity] + protocol.encode(
+                {"op": protocol.CANCEL, "id": request.id, "client": request.client}))
+
+    def reply_error(self, request: Request, code: str, message: str) -> None:
+        log.info("daemon=%s rid=%s error %s: %s", request.model, request.id, code, message)
+        self._to_client(request.client, protocol.error_header(request.id, code, message))
+
+    def reply_cancelled(self, request: Request, message: str) -> None:
+        self._to_client(request.client, {"kind": protocol.CANCELLED, "id": request.id,
+                                         "message": message})
+
+    def _to_client(self, client: bytes, header: dict) -> None:
+        self.frontend.send_multipart([client] + protocol.encode(header))
+
+    # --- frontend -----------------------------------------------------------
+
+    def on_frontend(self, frames: list) -> None:
+        if len(frames) < 2:
+            log.warning("dropped a client message with no header frame")
+            return
+        client, frames = frames[0].bytes, frames[1:]
+        try:
+            header, payloads = protocol.decode(frames)
+        except ModelhostError as exc:
+            self._to_client(client, protocol.error_header(exc.details.get("id"), exc.code,
+                                                          exc.message))
+            return
+        self.scheduler.on_client_seen(client)
+        op = header.get("op")
+        request_id = header.get("id")
+        if op == protocol.CALL:
+            self.on_call(client, header, payloads)
+        elif op == protocol.CANCEL:
+            self.scheduler.on_cancel(client, request_id)
+        elif op == protocol.PING:
+            asked = header.get("ids") if isinstance(header.get("ids"), list) else []
+            known = [rid for rid in asked if self.scheduler.knows(client, rid)]
+            self._to_client(client, {"kind": protocol.PONG, "id": request_id, "known": known,
+                                     "broker": self.instance,
+                                     "uptime_s": self.clock() - self.started})
+        elif op == protocol.PS:
+            self._to_client(client, {"kind": protocol.RESULT, "id": request_id,
+                                     "value": self.status()})
+        elif op == protocol.SUPERVISOR:
+            processes = header.get("processes")
+            if isinstance(processes, dict):
+                self.scheduler.on_supervisor_report(processes)
+            self._to_client(client, {"kind": protocol.RESULT, "id": request_id,
+                                     "value": self.status()})
+        else:
+            self._to_client(client, protocol.error_header(
+                request_id, "bad_message", "unknown op {!r}; expected one of call, cancel, "
+                "ping, ps".format(op)))
+
+    def on_call(self, client: bytes, header: dict, payloads: list) -> None:
+        request_id = header.get("id")
+        problem = None
+        if request_id is None or isinstance(request_id, (dict, list)):
+            problem = "bad_message", "a call needs an id: an integer or a string"
+        elif not isinstance(header.get("model"), str):
+            problem = "bad_message", "a call needs `model`, a string"
+        elif not isinstance(header.get("method"), str):
+            problem = "bad_message", "a call needs `method`, a string"
+        elif not isinstance(header.get("args", {}), dict):
+            problem = "bad_arguments", "`args` must be a map of argument names to values"
+        elif header.get("priority", protocol.Priority.NORMAL) not in protocol.Priority.ALL:
+            problem = "bad_message", "priority must be one of {}".format(
+                ", ".join(protocol.Priority.ALL))
+        timeout = header.get("timeout")
+        if problem is None and timeout is not None and (
+                isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+            problem = "bad_message", "timeout must be a positive number of seconds"
+        if problem is not None:
+            self._to_client(client, protocol.error_header(request_id, *problem))
+            return
+        request = Request(
+            client=client, id=request_id, model=header["model"], method=header["method"],
+            forward={"method": header["method"], "args": header.get("args", {}),
+                     "stream": bool(header.get("stream"))},
+            payloads=payloads,
+            payload_bytes=sum(len(frame) for frame in payloads),
+            priority=header.get("priority", protocol.Priority.NORMAL),
+            deadline=None if timeout is None else self.clock() + float(timeout))
+        self.scheduler.on_call(request)
+
+    # --- backend ------------------------------------------------------------
+
+    def on_backend(self, frames: list) -> None:
+        if len(frames) < 2:
+            log.warning("dropped a daemon message with no header frame")
+            return
+        identity, body = frames[0].bytes, frames[1:]
+        try:
+            header = protocol.decode_header(body[0])
+        except ModelhostError as exc:
+            log.error("dropped a daemon message: %s", exc)
+            return
+        name = self._daemon_named(identity)
+        op = header.get("op")
+        if op == protocol.REGISTER:
+            self.on_register(identity, header)
+            return
+        if name is None:
+            # A daemon this broker does not know yet (it restarted): have it
+            # register, and still deliver its replies.
+            self.backend.send_multipart([identity] + protocol.encode({"op": protocol.REREGISTER}))
+        else:
+            self.scheduler.on_daemon_seen(name)
+        kind = header.get("kind")
+        if kind is not None:
+            self.on_daemon_reply(name, header, body)
+        elif op == protocol.STATE and name is not None:
+            log.info("daemon=%s state %s%s", name, header.get("state"),
+                     ": " + header["error"] if header.get("error") else "")
+            self.scheduler.on_daemon_state(name, header)
+        elif op not in (protocol.HEARTBEAT, protocol.STATE):
+            log.warning("daemon=%s sent unknown op %r", name, op)
+
+    def on_register(self, identity: bytes, header: dict) -> None:
+        name = header.get("name")
+        daemon = self.scheduler.on_daemon_registered(name, identity, header)
+        if daemon is None:
+            log.error("a daemon named %r registered, but the configuration has no such daemon; "
+                      "ignoring it", name)
+            return
+        log.info("daemon=%s registered: pid %s, %s, state %s, %d calls running",
+                 name, daemon.pid, daemon.interpreter, daemon.state,
+                 len(header.get("running") or []))
+        self._watch_pid(name, daemon.pid)
+
+    def on_daemon_reply(self, name: str | None, header: dict, body: list) -> None:
+        client = header.get("client")
+        if not isinstance(client, bytes):
+            log.error("daemon=%s sent a reply without its client; dropped", name)
+            return
+        terminal = header["kind"] in protocol.TERMINAL_KINDS
+        if self.scheduler.on_reply(name, client, header.get("id"), terminal):
+            # The daemon's header frame goes to the client unchanged.
+            self.frontend.send_multipart([client] + body, copy=False)
+
+    def _daemon_named(self, identity: bytes) -> str | None:
+        for daemon in self.scheduler.daemons.values():
+            if daemon.identity == identity:
+                return daemon.name
+        return None
+
+    # --- daemon processes ---------------------------------------------------
+
+    def _watch_pid(self, name: str, pid: int | None) -> None:
+        """Learn of the daemon's death the moment it happens, not a liveness later."""
+        for fd, watched in list(self.pidfds.items()):
+            if watched == name:
+                self._unwatch(fd)
+        if not pid or not hasattr(os, "pidfd_open"):
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError as exc:
+            log.warning("daemon=%s cannot watch pid %s (%s); relying on heartbeats", name, pid, exc)
+            return
+        self.pidfds[fd] = name
+        self.poller.register(fd, zmq.POLLIN)
+
+    def _unwatch(self, fd: int) -> None:
+        self.poller.unregister(fd)
+        os.close(fd)
+        del self.pidfds[fd]
+
+    def on_pid_exit(self, fd: int) -> None:
+        name = self.pidfds[fd]
+        self._unwatch(fd)
+        self.scheduler.on_daemon_lost(name, "the process exited")
+
+    # --- status -------------------------------------------------------------
+
+    def status(self) -> dict:
+        return {
+            "broker": {"pid": os.getpid(), "instance": self.instance,
+                       "uptime_s": self.clock() - self.started,
+                       "protocol": protocol.VERSION,
+                       "frontend": self.config.broker.frontend,
+                       "config": str(self.config.path) if self.config.path else None},
+            "daemons": self.scheduler.snapshot(),
+        }
+
+    # --- the loop -----------------------------------------------------------
+
+    def run(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: setattr(self, "stopping", True))
+        heartbeat_s = self.config.broker.heartbeat_s
+        next_heartbeat = self.clock() + heartbeat_s
+        log.info("broker %s listening: clients at %s, daemons at %s", self.instance,
+                 self.config.broker.frontend, self.config.broker.backend)
+        while not self.stopping:
+            wakeup = min(filter(None, (next_heartbeat, self.scheduler.next_wakeup())))
+            timeout_ms = max(0.0, (wakeup - self.clock()) * 1000)
+            for source, _ in self.poller.poll(timeout_ms):
+                self._drain(source)
+            now = self.clock()
+            self.scheduler.on_tick()
+            if now >= next_heartbeat:
+                next_heartbeat = now + heartbeat_s
+                self._heartbeat()
+        log.info("broker stopping")
+        self.context.destroy(linger=0)
+        return 0
+
+    def _drain(self, source) -> None:
+        if isinstance(source, int):
+            self.on_pid_exit(source)
+            return
+        handler = self.on_frontend if source is self.frontend else self.on_backend
+        # Bounded, so neither side can starve the other.
+        for _ in range(1000):
+            try:
+                frames = source.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                handler(frames)
+            except Exception:
+                # The broker never dies on input; this is a bug to report.
+                log.exception("internal error while handling a message; dropped")
+
+    def _heartbeat(self) -> None:
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            log.error("the supervising process %s is gone; stopping", self.parent_pid)
+            self.stopping = True
+            return
+        beat = protocol.encode({"op": protocol.HEARTBEAT})
+        for daemon in self.scheduler.daemons.values():
+            if daemon.identity is not None:
+                self.backend.send_multipart([daemon.identity] + beat)

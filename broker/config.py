@@ -1,0 +1,760 @@
+"""Load and validate the YAML configuration of the broker and its daemons.
+
+The file is composed into a YAML node tree rather than loaded into plain
+objects, so that every key and value keeps the line it came from: an error
+names the file, the line and the dotted key path, e.g.
+
+    config.yaml:12: daemons.espeak.concurrency: expected a positive integer, got 'two'
+
+Validation collects every problem and raises one ConfigError listing them
+all, so a user fixes a file in one pass instead of one error per restart.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import ipaddress
+import math
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from modelhost.protocol import default_runtime_dir
+
+__all__ = [
+    "ConfigError", "RestartPolicy", "DaemonConfig", "BrokerConfig", "Config",
+    "default_config_path", "load_config", "parse_config", "daemon_spec",
+    "interpreter_for", "find_base_interpreter", "parse_size",
+]
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; `.errors` holds one message per problem."""
+
+    def __init__(self, errors: list[str] | str):
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    backoff_s: float = 1.0  # first delay before restarting a crashed daemon
+    max_backoff_s: float = 60.0  # cap of the exponential backoff
+    reset_after_s: float = 60.0  # a daemon up this long has its backoff reset
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    name: str
+    engine: str  # "package.module:ClassName"
+    python: str  # a version like "3.12" / "3.8.18", or an absolute interpreter path
+    venv: Path | None = None  # None: run `python` directly, no venv
+    requirements: Path | None = None  # pip requirements file of this daemon
+    options: dict = field(default_factory=dict)  # engine constructor keyword arguments
+    pythonpath: tuple[Path, ...] = ()  # extra sys.path entries for the daemon
+    env: dict[str, str] = field(default_factory=dict)  # extra environment variables
+    concurrency: int = 1  # calls run at once
+    max_queue: int = 64  # queued calls beyond which new calls get over_capacity
+    max_payload_bytes: int | None = None  # None: the broker's limit
+    ready_timeout_s: float = 300.0
+    stop_timeout_s: float = 10.0
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+    autostart: bool = True
+    line: int = 0  # line of the daemon's section, for later messages
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    runtime_dir: Path  # ipc sockets and daemon spec files
+    state_dir: Path  # venvs and remembered state
+    frontend: str  # client endpoint
+    backend: str  # daemon endpoint
+    heartbeat_s: float = 1.0
+    liveness: int = 3
+    client_liveness_s: float = 10.0
+    max_payload_bytes: int = 256 * 2**20
+    log_level: str = "info"  # debug|info|warning|error
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None  # the file it came from
+    broker: BrokerConfig
+    daemons: dict[str, DaemonConfig]  # in file order
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DAEMON_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+ENGINE_REF = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+PYTHON_VERSION = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 2**10, "m": 2**20, "g": 2**30,  # bare letters: what `ulimit` and friends mean
+    "ki": 2**10, "mi": 2**20, "gi": 2**30,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9,
+}
+_ENV_REF = re.compile(r"\$(?:\{([^}]*)\}|(\w+))")
+# The longest ipc path libzmq accepts: sockaddr_un.sun_path is 108 bytes with its NUL.
+_MAX_IPC_PATH = 107
+
+_BROKER_KEYS = ("runtime_dir", "state_dir", "frontend", "backend", "heartbeat_s",
+                "liveness", "client_liveness_s", "max_payload", "log_level")
+_DAEMON_KEYS = ("engine", "python", "venv", "requirements", "options", "pythonpath", "env",
+                "concurrency", "max_queue", "max_payload", "ready_timeout_s",
+                "stop_timeout_s", "restart", "autostart")
+_RESTART_KEYS = ("backoff_s", "max_backoff_s", "reset_after_s")
+
+_BAD = object()  # a value that failed validation; the error is already recorded
+_FLOAT = "tag:yaml.org,2002:float"
+_SEQ = "tag:yaml.org,2002:seq"
+_MAP = "tag:yaml.org,2002:map"
+
+
+# --- public functions ---------------------------------------------------------------
+
+def default_config_path() -> Path:
+    """The embedded default configuration, config/default.yaml of modelhost.config."""
+    try:
+        from importlib.resources import files
+
+        return Path(str(files("modelhost.config") / "default.yaml"))
+    except (ImportError, TypeError):
+        # Running from a checkout that is not installed: the file sits beside us.
+        return Path(__file__).resolve().parents[1] / "config" / "default.yaml"
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read and validate a configuration file (the embedded default when path is None)."""
+    path = default_config_path() if path is None else Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e}") from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: Path | None = None) -> Config:
+    """Validate configuration text; `path` names it in errors and anchors relative paths."""
+    path = None if path is None else Path(path)
+    return _Parser(path).parse(text)
+
+
+def daemon_spec(config: Config, name: str, *, parent_pid: int | None = None) -> dict:
+    """The JSON-able description the daemon runtime starts from."""
+    try:
+        daemon = config.daemons[name]
+    except KeyError:
+        known = ", ".join(config.daemons) or "none"
+        raise KeyError(f"no daemon {name!r} in the configuration (known: {known})") from None
+    return {
+        "name": daemon.name,
+        "engine": daemon.engine,
+        # A copy: the runtime (or a caller) may mutate the spec, the config stays as loaded.
+        "options": copy.deepcopy(daemon.options),
+        "backend": config.broker.backend,
+        "heartbeat_s": config.broker.heartbeat_s,
+        "liveness": config.broker.liveness,
+        "concurrency": daemon.concurrency,
+        "pythonpath": [str(p) for p in daemon.pythonpath],
+        "log_level": config.broker.log_level,
+        "parent_pid": parent_pid,
+    }
+
+
+def interpreter_for(daemon: DaemonConfig) -> Path:
+    """The Python executable the daemon runs with."""
+    if daemon.venv is not None:
+        return daemon.venv / "bin" / "python"
+    return find_base_interpreter(daemon.python)
+
+
+def find_base_interpreter(spec: str) -> Path:
+    """Resolve "3.12", "3.8.18" or an interpreter path to an existing executable.
+
+    A version is looked for in pyenv first ($PYENV_ROOT/versions, newest
+    matching patch release), then as `pythonX.Y` on PATH.
+    """
+    if "/" in spec:
+        exe = Path(os.path.expanduser(os.path.expandvars(spec)))
+        if exe.is_file() and os.access(exe, os.X_OK):
+            return exe
+        raise FileNotFoundError(f"python interpreter {spec!r}: {exe} is not an executable file")
+
+    m = PYTHON_VERSION.match(spec)
+    if not m:
+        raise ValueError(f"python {spec!r}: expected a version like '3.12' or '3.8.18', or a path")
+    major, minor, patch = m.group(1), m.group(2), m.group(3)
+    short = f"{major}.{minor}"
+    tried = []
+
+    versions = Path(os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")) / "versions"
+    candidates = []
+    if versions.is_dir():
+        for entry in versions.iterdir():
+            # Only plain X.Y.Z releases: skip "3.13.0t" (free-threaded), "3.12-dev", rcs.
+            em = re.fullmatch(rf"{major}\.{minor}\.(\d+)", entry.name)
+            if em and (patch is None or int(em.group(1)) == int(patch)):
+                candidates.append((int(em.group(1)), entry))
+    for _, entry in sorted(candidates, reverse=True):
+        exe = entry / "bin" / f"python{short}"
+        tried.append(str(exe))
+        if exe.is_file() and os.access(exe, os.X_OK):
+            return exe
+    if not candidates:
+        tried.append(f"{versions}/{spec if patch else short + '.*'}")
+
+    name = f"python{short}"
+    found = shutil.which(name)
+    tried.append(f"{name} on PATH")
+    if found:
+        # PATH gives some X.Y; an exact X.Y.Z request must get exactly that release.
+        if patch is None or _version_of(found) == spec:
+            return Path(found)
+        tried[-1] += f" (found {found}, but it is not {spec})"
+    raise FileNotFoundError(f"no python {spec} found; tried: " + "; ".join(tried))
+
+
+def _version_of(exe: str) -> str | None:
+    try:
+        out = subprocess.run(
+            [exe, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
+            capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an int or a string like "256MiB", "1.5 GB", "512k"; ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a size")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m and m.group(2).lower() in _SIZE_UNITS:
+            return int(round(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]))
+    raise ValueError(f"not a size: {value!r}")
+
+
+# --- the validator ------------------------------------------------------------------
+
+class _Parser:
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.label = str(path) if path is not None else "<string>"
+        # Relative paths in the file mean "next to the file", as in most tools' configs.
+        self.base = Path(os.path.abspath(path.parent)) if path is not None else Path.cwd()
+        self.errors: list[tuple[int, str]] = []
+        # One constructor per parse: it caches constructed objects per node.
+        self.constructor = yaml.constructor.SafeConstructor()
+
+    # -- reporting
+
+    def error(self, where: Node | int, key: str, message: str) -> None:
+        line = where if isinstance(where, int) else where.start_mark.line + 1
+        prefix = f"{self.label}:{line}: "
+        self.errors.append((line, prefix + (f"{key}: " if key else "") + message))
+
+    # -- entry point
+
+    def parse(self, text: str) -> Config:
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as e:
+            raise ConfigError(self._syntax_error(e)) from None
+        except yaml.reader.ReaderError as e:
+            # Bad characters: the error carries a character position, not a line.
+            line = text.count("\n", 0, e.position) + 1
+            char = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
+            raise ConfigError(f"{self.label}:{line}: YAML syntax error: character {char} "
+                              f"is not allowed ({e.reason})") from None
+
+        if root is None:
+            self.error(1, "", "the configuration is empty; expected a mapping with a 'daemons' section")
+            self._raise()
+        top = self.mapping(root, "", ("broker", "daemons"))
+        if top is None:
+            self._raise()
+
+        broker = self.broker(top.get("broker"))
+        daemons: dict[str, DaemonConfig] = {}
+        if "daemons" not in top:
+            self.error(root, "daemons", "required section is missing")
+        else:
+            _, dnode = top["daemons"]
+            entries = self.mapping(dnode, "daemons", None)
+            for name, (knode, vnode) in (entries or {}).items():
+                daemon = self.daemon(name, knode, vnode, broker)
+                if daemon is not None:
+                    daemons[name] = daemon
+        self._raise()
+        return Config(path=Path(os.path.abspath(self.path)) if self.path else None,
+                      broker=broker, daemons=daemons)
+
+    def _raise(self) -> None:
+        if self.errors:
+            # Stable sort: file order, and for one line the order of discovery.
+            raise ConfigError([msg for _, msg in sorted(self.errors, key=lambda e: e[0])])
+
+    def _syntax_error(self, e: yaml.MarkedYAMLError) -> str:
+        mark = e.problem_mark or e.context_mark
+        where = f"{self.label}:{mark.line + 1}" if mark else self.label
+        message = f"{where}: YAML syntax error: {e.problem or e.context}"
+        if e.problem and e.context and e.context_mark is not None:
+            message += f" ({e.context} at line {e.context_mark.line + 1})"
+        return message
+
+    # -- sections
+
+    def broker(self, entry: tuple[Node, Node] | None) -> BrokerConfig:
+        fields: dict[str, tuple[Node, Node]] = {}
+        if entry is not None:
+            fields = self.mapping(entry[1], "broker", _BROKER_KEYS) or {}
+
+        def get(key: str, convert: Callable, default: Any, **kw) -> Any:
+            return self.field(fields, "broker", key, convert, default, **kw)
+
+        runtime_dir = get("runtime_dir", self.path_value, None) or _absolute(default_runtime_dir())
+        state_dir = get("state_dir", self.path_value, None) or _default_state_dir()
+        endpoints = {}
+        for key in ("frontend", "backend"):
+            default = f"ipc://{{runtime_dir}}/{key}.sock"
+            node = fields[key][1] if key in fields else None
+            template = get(key, self.string, default)
+            endpoints[key] = self.endpoint(template, node, f"broker.{key}", runtime_dir,
+                                           state_dir, entry, fields)
+        if endpoints["frontend"] == endpoints["backend"]:
+            # Both are bound by the broker; one address cannot be bound twice.
+            key = "backend" if "backend" in fields else "frontend"
+            self.error(fields[key][1], f"broker.{key}",
+                       f"frontend and backend are the same endpoint ({endpoints['frontend']})")
+
+        level = get("log_level", self.string, "info")
+        if isinstance(level, str) and level.lower() not in LOG_LEVELS:
+            self.error(fields["log_level"][1], "broker.log_level",
+                       f"expected one of {', '.join(LOG_LEVELS)}, got {level!r}"
+                       + _suggest(level.lower(), LOG_LEVELS))
+            level = "info"
+
+        return BrokerConfig(
+            runtime_dir=runtime_dir,
+            state_dir=state_dir,
+            frontend=endpoints["frontend"],
+            backend=endpoints["backend"],
+            heartbeat_s=get("heartbeat_s", self.duration, 1.0),
+            liveness=get("liveness", self.integer, 3, minimum=1),
+            client_liveness_s=get("client_liveness_s", self.duration, 10.0),
+            max_payload_bytes=get("max_payload", self.size, 256 * 2**20),
+            log_level=level.lower(),
+        )
+
+    def daemon(self, name: str, knode: Node, vnode: Node, broker: BrokerConfig) -> DaemonConfig | None:
+        kp = f"daemons.{name}"
+        name_ok = bool(DAEMON_NAME.match(name))
+        if not name_ok:
+            self.error(knode, kp, "invalid daemon name: names are 1 to 40 characters of "
+                                  "lowercase letters, digits, '_' and '-', starting with a letter")
+        fields = self.mapping(vnode, kp, _DAEMON_KEYS)
+        if fields is None:
+            return None
+        missing = False
+        for required in ("engine", "python"):
+            if required not in fields:
+                self.error(knode, f"{kp}.{required}", "required key is missing")
+                missing = True
+
+        def get(key: str, convert: Callable, default: Any, **kw) -> Any:
+            return self.field(fields, kp, key, convert, default, **kw)
+
+        engine = get("engine", self.string, None)
+        if engine is not None and not ENGINE_REF.match(engine):
+            self.error(fields["engine"][1], f"{kp}.engine",
+                       f"expected 'package.module:ClassName', got {engine!r}")
+        python = get("python", self.python, None)
+
+        venv: Path | None = broker.state_dir / "venvs" / name
+        if "venv" in fields:
+            node = fields["venv"][1]
+            if self.scalar(node) is False:
+                venv = None
+            else:
+                venv = self.path_value(node, f"{kp}.venv", what="a path or false")
+                if venv is _BAD:
+                    venv = None
+
+        max_payload = get("max_payload", self.size, None)
+        if max_payload is not None and max_payload > broker.max_payload_bytes:
+            # The broker refuses larger messages before the daemon could see them.
+            self.error(fields["max_payload"][1], f"{kp}.max_payload",
+                       f"{max_payload} bytes exceeds broker.max_payload "
+                       f"({broker.max_payload_bytes} bytes)")
+
+        restart = RestartPolicy()
+        if "restart" in fields:
+            restart = self.restart(fields["restart"][1], f"{kp}.restart")
+
+        # Convert every field before deciding whether the daemon is usable, so
+        # that all its errors are reported in one pass.
+        values = dict(
+            requirements=get("requirements", self.path_value, None),
+            options=get("options", self.options, {}),
+            pythonpath=tuple(get("pythonpath", self.path_list, ())),
+            env=get("env", self.environment, {}),
+            concurrency=get("concurrency", self.integer, 1, minimum=1),
+            max_queue=get("max_queue", self.integer, 64, minimum=0),
+            ready_timeout_s=get("ready_timeout_s", self.duration, 300.0),
+            stop_timeout_s=get("stop_timeout_s", self.duration, 10.0),
+            autostart=get("autostart", self.boolean, True),
+        )
+        if missing or not name_ok or engine is None or python is None:
+            return None
+        return DaemonConfig(name=name, engine=engine, python=python, venv=venv,
+                            max_payload_bytes=max_payload, restart=restart,
+                            line=knode.start_mark.line + 1, **values)
+
+    def restart(self, node: Node, kp: str) -> RestartPolicy:
+        fields = self.mapping(node, kp, _RESTART_KEYS) or {}
+        policy = RestartPolicy(**{
+            key: self.field(fields, kp, key, self.duration, getattr(RestartPolicy, key))
+            for key in _RESTART_KEYS})
+        if policy.max_backoff_s < policy.backoff_s:
+            key = "max_backoff_s" if "max_backoff_s" in fields else "backoff_s"
+            self.error(fields[key][1], f"{kp}.{key}",
+                       f"max_backoff_s ({policy.max_backoff_s}) is below backoff_s "
+                       f"({policy.backoff_s})")
+        return policy
+
+    def field(self, fields: dict[str, tuple[Node, Node]], kp: str, key: str,
+              convert: Callable, default: Any, **kw) -> Any:
+        """The converted value of an optional key: its default when absent or invalid."""
+        if key not in fields:
+            return default
+        value = convert(fields[key][1], f"{kp}.{key}", **kw)
+        return default if value is _BAD else value
+
+    # -- structure
+
+    def mapping(self, node: Node, kp: str, allowed: tuple[str, ...] | None
+                ) -> dict[str, tuple[Node, Node]] | None:
+        """{key: (key node, value node)} of a mapping node, checking its keys.
+
+        `allowed` None accepts any string key (daemon names, options).
+        """
+        if not isinstance(node, MappingNode):
+            self.error(node, kp, f"expected a mapping, got {self.describe(node)}")
+            return None
+        # PyYAML keeps duplicate keys silently (the last one wins); here they are
+        # an error, except those that come in through a `<<` merge, which are
+        # meant to be overridden.
+        seen: dict[str, Node] = {}
+        for knode, _ in node.value:
+            if knode.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = knode.value if isinstance(knode, ScalarNode) else None
+            if key in seen:
+                self.error(knode, _join(kp, str(key)),
+                           f"duplicate key (first at line {seen[key].start_mark.line + 1})")
+            elif key is not None:
+                seen[key] = knode
+        try:
+            self.constructor.flatten_mapping(node)
+        except yaml.MarkedYAMLError as e:
+            self.error(e.problem_mark.line + 1 if e.problem_mark else node, kp,
+                       f"bad merge: {e.problem}")
+            return None
+
+        out: dict[str, tuple[Node, Node]] = {}
+        for knode, vnode in node.value:
+            key = self.scalar(knode)
+            if not isinstance(key, str):
+                hint = "; quote it" if isinstance(knode, ScalarNode) else ""
+                self.error(knode, kp, f"keys must be strings, got {self.describe(knode)}{hint}")
+                continue
+            if allowed is not None and key not in allowed:
+                self.error(knode, _join(kp, key), "unknown key" + (
+                    _suggest(key, allowed) or f" (expected one of: {', '.join(allowed)})"))
+                continue
+            out[key] = (knode, vnode)
+        return out
+
+    def scalar(self, node: Node) -> Any:
+        """The Python value of a scalar node; _BAD for collections or unknown tags.
+
+        Callers report _BAD as "expected X, got <describe(node)>".
+        """
+        if not isinstance(node, ScalarNode):
+            return _BAD
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except yaml.MarkedYAMLError:
+            # Tags like `!foo` compose fine but have no safe constructor.
+            return _BAD
+
+    def describe(self, node: Node) -> str:
+        standard = node.tag in (_SEQ, _MAP) if not isinstance(node, ScalarNode) \
+            else node.tag.startswith("tag:yaml.org,2002:")
+        if not standard:  # !!set, !!omap, !custom ...
+            return "a value tagged " + node.tag.replace("tag:yaml.org,2002:", "!!")
+        if isinstance(node, MappingNode):
+            return "a mapping"
+        if isinstance(node, SequenceNode):
+            return "a list"
+        if node.tag == "tag:yaml.org,2002:null":
+            return "nothing (null)"
+        if node.tag == "tag:yaml.org,2002:str":
+            return repr(node.value)
+        return node.value  # numbers and booleans as written
+
+    # -- value converters: each returns the value, or _BAD after recording an error
+
+    def string(self, node: Node, kp: str) -> Any:
+        value = self.scalar(node)
+        if not isinstance(value, str):
+            self.error(node, kp, f"expected a string, got {self.describe(node)}")
+            return _BAD
+        return value
+
+    def integer(self, node: Node, kp: str, minimum: int) -> Any:
+        value = self.scalar(node)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            self.error(node, kp, f"expected {what}, got {self.describe(node)}")
+            return _BAD
+        return value
+
+    def duration(self, node: Node, kp: str) -> Any:
+        value = self.scalar(node)
+        if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                or not math.isfinite(value) or value <= 0):
+            self.error(node, kp, f"expected a positive number of seconds, got {self.describe(node)}")
+            return _BAD
+        return float(value)
+
+    def boolean(self, node: Node, kp: str) -> Any:
+        value = self.scalar(node)
+        if not isinstance(value, bool):
+            self.error(node, kp, f"expected true or false, got {self.describe(node)}")
+            return _BAD
+        return value
+
+    def size(self, node: Node, kp: str) -> Any:
+        value = self.scalar(node)
+        try:
+            if isinstance(value, float):
+                raise ValueError
+            size = parse_size(value)
+        except ValueError:
+            self.error(node, kp, "expected a size in bytes, like 1048576, \"256MiB\" or "
+                                 f"\"1.5 GB\", got {self.describe(node)}")
+            return _BAD
+        if size <= 0:
+            self.error(node, kp, f"expected a positive size, got {self.describe(node)}")
+            return _BAD
+        return size
+
+    def path_value(self, node: Node, kp: str, what: str = "a path") -> Any:
+        value = self.scalar(node)
+        if not isinstance(value, str) or not value:
+            self.error(node, kp, f"expected {what}, got {self.describe(node)}")
+            return _BAD
+        expanded = self.expand(value, node, kp)
+        return _BAD if expanded is _BAD else self.resolve(expanded)
+
+    def path_list(self, node: Node, kp: str) -> Any:
+        if not isinstance(node, SequenceNode):
+            self.error(node, kp, f"expected a list of paths, got {self.describe(node)}")
+            return _BAD
+        paths = [self.path_value(item, f"{kp}[{i}]") for i, item in enumerate(node.value)]
+        return [p for p in paths if p is not _BAD]
+
+    def python(self, node: Node, kp: str) -> Any:
+        value = self.scalar(node)
+        if node.tag == _FLOAT:
+            # `python: 3.10` is the float 3.1 to YAML: the classic trap.
+            hint = f" (YAML reads {node.value} as {value!r})" if str(value) != node.value else ""
+            self.error(node, kp, f"expected a version string, got the number {node.value}{hint}; "
+                                 f"quote it: python: \"{node.value}\"")
+            return _BAD
+        if not isinstance(value, str):
+            self.error(node, kp, f"expected a version like \"3.12\" or an interpreter path, "
+                                 f"got {self.describe(node)}")
+            return _BAD
+        if "/" in value:
+            expanded = self.expand(value, node, kp)
+            return _BAD if expanded is _BAD else str(self.resolve(expanded))
+        if not PYTHON_VERSION.match(value):
+            self.error(node, kp, f"expected a version like \"3.12\" or \"3.8.18\", or an "
+                                 f"interpreter path, got {value!r}")
+            return _BAD
+        return value
+
+    def environment(self, node: Node, kp: str) -> Any:
+        fields = self.mapping(node, kp, None)
+        if fields is None:
+            return _BAD
+        env = {}
+        for key, (knode, vnode) in fields.items():
+            if not ENV_NAME.match(key):
+                self.error(knode, _join(kp, key), "not a valid environment variable name")
+                continue
+            value = self.scalar(vnode)
+            if isinstance(value, str):
+                env[key] = value
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                # The text as written: `1.10` stays "1.10", not "1.1".
+                env[key] = vnode.value
+            else:
+                quote = "; quote it" if isinstance(value, bool) else ""
+                self.error(vnode, _join(kp, key),
+                           f"expected a string or a number, got {self.describe(vnode)}{quote}")
+        return env
+
+    def options(self, node: Node, kp: str) -> Any:
+        fields = self.mapping(node, kp, None)
+        if fields is None:
+            return _BAD
+        options = {}
+        for key, (knode, vnode) in fields.items():
+            if not key.isidentifier():
+                # Options become keyword arguments of the engine's constructor.
+                self.error(knode, _join(kp, key), "option names must be Python identifiers")
+                continue
+            value = self.plain(vnode, _join(kp, key), set())
+            if value is not _BAD:
+                options[key] = value
+        return options
+
+    def plain(self, node: Node, kp: str, active: set[int]) -> Any:
+        """A JSON-able value (the daemon spec is JSON): null, bool, number, string, list, mapping."""
+        if id(node) in active:
+            self.error(node, kp, "a recursive alias cannot be passed to a daemon")
+            return _BAD
+        if not isinstance(node, ScalarNode) and node.tag not in (_SEQ, _MAP):
+            # `!!set`, `!!omap`, `!custom [...]`: not plain lists and mappings.
+            self.error(node, kp, f"{self.describe(node)} cannot be passed to a daemon")
+            return _BAD
+        if isinstance(node, SequenceNode):
+            active.add(id(node))
+            items = [self.plain(item, f"{kp}[{i}]", active) for i, item in enumerate(node.value)]
+            active.discard(id(node))
+            return _BAD if any(i is _BAD for i in items) else items
+        if isinstance(node, MappingNode):
+            fields = self.mapping(node, kp, None)
+            if fields is None:
+                return _BAD
+            active.add(id(node))
+            out = {k: self.plain(v, _join(kp, k), active) for k, (_, v) in fields.items()}
+            active.discard(id(node))
+            return _BAD if any(v is _BAD for v in out.values()) else out
+        value = self.scalar(node)
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        kind = type(value).__name__ if value is not _BAD else self.describe(node)
+        self.error(node, kp, f"{kind} cannot be passed to a daemon (its spec is JSON); "
+                             "quote it to pass a string")
+        return _BAD
+
+    def endpoint(self, template: str, node: Node | None, kp: str, runtime_dir: Path,
+                 state_dir: Path, section: tuple[Node, Node] | None,
+                 fields: dict[str, tuple[Node, Node]]) -> str:
+        endpoint = (template.replace("{runtime_dir}", str(runtime_dir))
+                    .replace("{state_dir}", str(state_dir)))
+        problem = _endpoint_problem(endpoint)
+        if problem:
+            # A default endpoint can go wrong only through runtime_dir: point there.
+            where = node or (fields.get("runtime_dir") or section or (None, 1))[1]
+            self.error(where, kp, problem)
+        return endpoint
+
+    # -- paths
+
+    def expand(self, value: str, node: Node, kp: str) -> Any:
+        # os.path.expandvars leaves unknown variables as they are, which would
+        # make a directory literally named "$FOO": report them instead.
+        unset = [m.group(1) or m.group(2) for m in _ENV_REF.finditer(value)
+                 if (m.group(1) or m.group(2)) not in os.environ]
+        if unset:
+            self.error(node, kp, "environment variable " + ", ".join(f"${v}" for v in unset)
+                                 + " is not set")
+            return _BAD
+        return os.path.expanduser(os.path.expandvars(value))
+
+    def resolve(self, value: str) -> Path:
+        return Path(os.path.abspath(self.base / value))
+
+
+# --- helpers ------------------------------------------------------------------------
+
+def _join(kp: str, key: str) -> str:
+    return f"{kp}.{key}" if kp else key
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _absolute(path: str) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def _default_state_dir() -> Path:
+    explicit = os.environ.get("MODELHOST_STATE_DIR")
+    if explicit:
+        return _absolute(explicit)
+    xdg = os.environ.get("XDG_STATE_HOME")
+    if xdg:
+        return _absolute(os.path.join(xdg, "modelhost"))
+    return _absolute("~/.local/state/modelhost")
+
+
+def _endpoint_problem(endpoint: str) -> str | None:
+    """Why a ZeroMQ endpoint cannot be used, or None."""
+    leftover = re.search(r"\{[^}]*\}", endpoint)
+    if leftover:
+        return (f"unknown placeholder {leftover.group(0)} in {endpoint!r}; "
+                "known: {runtime_dir}, {state_dir}")
+    if endpoint.startswith("ipc://"):
+        sock = endpoint[len("ipc://"):]
+        if not sock:
+            return f"ipc endpoint {endpoint!r} has no path"
+        if len(sock.encode()) > _MAX_IPC_PATH:
+            return (f"ipc path {sock!r} is {len(sock.encode())} bytes, longer than the "
+                    f"{_MAX_IPC_PATH} a unix socket allows; choose a shorter runtime_dir")
+        return None
+    if endpoint.startswith("inproc://"):
+        return None if endpoint[len("inproc://"):] else f"inproc endpoint {endpoint!r} has no name"
+    if endpoint.startswith("tcp://"):
+        host, sep, port = endpoint[len("tcp://"):].rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            return f"expected tcp://HOST:PORT with a port from 1 to 65535, got {endpoint!r}"
+        if not _is_loopback(host):
+            return (f"{endpoint!r} is not on loopback: non-loopback tcp needs CURVE "
+                    "authentication, which is not configured here; use ipc:// or 127.0.0.1")
+        return None
+    return f"expected an endpoint starting with ipc://, tcp:// or inproc://, got {endpoint!r}"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # interface names, "*", other host names

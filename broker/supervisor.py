@@ -1,0 +1,319 @@
+"""The supervisor behind `modelhost up`: the broker and every daemon as its children.
+
+- each child runs in its own process group, so a stop can SIGKILL everything
+  a daemon started (ffmpeg, compiler workers) and a Ctrl-C in the terminal
+  reaches only the supervisor, which then stops the children in order;
+- a child that dies is started again after an exponential backoff with a cap;
+  the backoff resets once a child has stayed up for `reset_after_s`;
+- every child is told the supervisor's pid and exits when it is gone, so no
+  orphan keeps GPU memory;
+- children's output is relayed line by line with their name, and the last
+  lines are kept to explain a failed start;
+- the supervisor tells the broker what it knows of the processes (pid,
+  restarts, start failures) and learns from the broker which daemons are
+  ready, over an ordinary client connection.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import zmq
+
+from modelhost import protocol
+from modelhost.errors import ModelhostError
+
+from .config import Config, DaemonConfig, RestartPolicy, daemon_spec, interpreter_for
+
+log = logging.getLogger("modelhost.supervisor")
+
+TICK_S = 0.25
+BROKER = "broker"
+
+
+class ProcessStatus(enum.Enum):
+    STARTING = "starting"  # running, not yet reported ready by the broker
+    RUNNING = "running"  # running and ready (or failed to load, which is final until reloaded)
+    BACKOFF = "backoff"  # exited; waiting out the backoff before the next start
+    FAILED = "failed"  # exited before it ever became ready; will be retried after backoff
+    STOPPED = "stopped"  # stopped on purpose
+
+
+@dataclass(eq=False)
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    restart: RestartPolicy
+    ready_timeout_s: float
+    stop_timeout_s: float
+    status: ProcessStatus = ProcessStatus.STOPPED
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    next_start_at: float = 0.0
+    restarts: int = 0
+    crashes_in_a_row: int = 0  # drives the backoff; reset after a stable run
+    ever_ready: bool = False  # whether this run of the process became ready
+    error: str | None = None
+    tail: deque = field(default_factory=lambda: deque(maxlen=40))
+    partial_line: bytes = b""
+
+    def report(self) -> dict:
+        return {"status": self.status.value, "pid": self.process.pid if self.process else None,
+                "restarts": self.restarts, "error": self.error}
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return "killed by {}".format(signal.Signals(-code).name)
+        except ValueError:
+            return "killed by signal {}".format(-code)
+    return "exited with code {}".format(code)
+
+
+class Supervisor:
+    def __init__(self, config: Config, *, output=None):
+        self.config = config
+        self.output = output or sys.stderr.buffer
+        self.selector = selectors.DefaultSelector()
+        self.children: dict[str, Child] = {}
+        self.stopping = False
+        self.announced_up = False
+        self.context = zmq.Context()
+        self.link = None  # DEALER to the broker's frontend
+        self.link_sent_at = 0.0
+        self.link_seq = 0
+        self.states: dict[str, dict] = {}  # daemon name -> last `ps` row from the broker
+        runtime = config.broker.runtime_dir
+        os.makedirs(runtime / "daemons", mode=0o700, exist_ok=True)
+        config_arg = ["--config", str(config.path)] if config.path else []
+        self.children[BROKER] = Child(
+            BROKER, [sys.executable, "-m", "modelhost.broker", *config_arg,
+                     "--parent-pid", str(os.getpid())],
+            dict(os.environ), RestartPolicy(backoff_s=0.5, max_backoff_s=10.0),
+            ready_timeout_s=30.0, stop_timeout_s=5.0)
+        for name, daemon in config.daemons.items():
+            if daemon.autostart:
+                self.children[name] = self._daemon_child(daemon)
+
+    def _daemon_child(self, daemon: DaemonConfig) -> Child:
+        spec_path = self.config.broker.runtime_dir / "daemons" / (daemon.name + ".json")
+        spec = daemon_spec(self.config, daemon.name, parent_pid=os.getpid())
+        spec_path.write_text(json.dumps(spec, indent=2))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **daemon.env)
+        # The host's virtual env must not leak into the daemon's interpreter.
+        env.pop("PYTHONPATH", None)
+        env.pop("VIRTUAL_ENV", None)
+        return Child(daemon.name,
+                     [str(interpreter_for(daemon)), "-m", "modelhost.daemons.run", daemon.name,
+                      "--spec", str(spec_path)],
+                     env, daemon.restart, daemon.ready_timeout_s, daemon.stop_timeout_s)
+
+    # --- processes ----------------------------------------------------------
+
+    def start(self, child: Child) -> None:
+        try:
+            child.process = subprocess.Popen(
+                child.argv, env=child.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as exc:
+            child.process = None
+            child.error = "cannot start {}: {}".format(child.argv[0], exc)
+            log.error("daemon=%s %s", child.name, child.error)
+            self._schedule_restart(child, failed=True)
+            return
+        os.set_blocking(child.process.stdout.fileno(), False)
+        self.selector.register(child.process.stdout, selectors.EVENT_READ, child)
+        child.status = ProcessStatus.STARTING
+        child.started_at = time.monotonic()
+        child.ever_ready = False
+        log.info("daemon=%s started: pid %d: %s", child.name, child.process.pid,
+                 " ".join(child.argv))
+
+    def _relay(self, child: Child) -> None:
+        stream = child.process.stdout if child.process else None
+        if stream is None:
+            return
+        try:
+            data = stream.read()
+        except (OSError, ValueError):
+            data = b""
+        if not data:
+            return
+        lines = (child.partial_line + data).split(b"\n")
+        child.partial_line = lines.pop()
+        for line in lines:
+            child.tail.append(line.decode("utf-8", "replace"))
+            self.output.write(line + b"\n")
+        self.output.flush()
+
+    def _reap(self, child: Child) -> None:
+        if child.process is None or child.process.poll() is None:
+            return
+        self._relay(child)
+        if child.partial_line:
+            child.tail.append(child.partial_line.decode("utf-8", "replace"))
+            child.partial_line = b""
+        self.selector.unregister(child.process.stdout)
+        child.process.stdout.close()
+        how = describe_exit(child.process.returncode)
+        child.process = None
+        if self.stopping:
+            child.status = ProcessStatus.STOPPED
+            return
+        if not child.ever_ready:
+            child.error = "{} before it became ready; its last output:\n{}".format(
+                how, "\n".join(list(child.tail)[-15:]) or "(none)")
+            log.error("daemon=%s failed to start: %s", child.name, child.error)
+            self._schedule_restart(child, failed=True)
+        else:
+            child.error = how
+            log.error("daemon=%s %s", child.name, how)
+            self._schedule_restart(child, failed=False)
+
+    def _schedule_restart(self, child: Child, *, failed: bool) -> None:
+        now = time.monotonic()
+        if child.started_at and now - child.started_at >= child.restart.reset_after_s:
+            child.crashes_in_a_row = 0
+        child.crashes_in_a_row += 1
+        delay = min(child.restart.backoff_s * 2 ** (child.crashes_in_a_row - 1),
+                    child.restart.max_backoff_s)
+        child.status = ProcessStatus.FAILED if failed else ProcessStatus.BACKOFF
+        child.next_start_at = now + delay
+        log.info("daemon=%s restarting in %.1fs", child.name, delay)
+
+    def _kill_group(self, child: Child, signum: int) -> None:
+        if child.process is not None:
+            try:
+                os.killpg(child.process.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    # --- the broker link ----------------------------------------------------
+
+    def _talk_to_broker(self) -> None:
+        if self.link is None:
+            self.link = self.context.socket(zmq.DEALER)
+            self.link.setsockopt(zmq.LINGER, 0)
+            self.link.setsockopt(zmq.SNDHWM, 4)
+            self.link.connect(self.config.broker.frontend)
+        while True:
+            try:
+                frames = self.link.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                header, _ = protocol.decode(frames)
+            except ModelhostError as exc:
+                log.warning("unreadable reply from the broker: %s", exc)
+                continue
+            if header.get("kind") == protocol.RESULT:
+                self.states = {row["name"]: row for row in header["value"]["daemons"]}
+                self._note_readiness()
+        now = time.monotonic()
+        if now - self.link_sent_at >= 0.5:
+            self.link_seq += 1
+            processes = {name: child.report() for name, child in self.children.items()
+                         if name != BROKER}
+            try:
+                self.link.send_multipart(protocol.encode(
+                    {"op": protocol.SUPERVISOR, "id": self.link_seq, "processes": processes}),
+                    zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # the broker is restarting; the next tick tries again
+            self.link_sent_at = now
+
+    def _note_readiness(self) -> None:
+        for name, row in self.states.items():
+            child = self.children.get(name)
+            if child is None or child.process is None or row.get("pid") != child.process.pid:
+                continue
+            state = row.get("state")
+            if state in (protocol.DaemonState.READY, protocol.DaemonState.BUSY,
+                         protocol.DaemonState.UNLOADED, protocol.DaemonState.FAILED):
+                if child.status is ProcessStatus.STARTING:
+                    child.status = ProcessStatus.RUNNING
+                    child.ever_ready = True
+                    child.error = None
+                    if state == protocol.DaemonState.FAILED:
+                        log.error("daemon=%s is up but its engine failed: %s", name,
+                                  row.get("last_error"))
+                    else:
+                        log.info("daemon=%s ready after %.1fs", name,
+                                 time.monotonic() - child.started_at)
+        daemons = [c for n, c in self.children.items() if n != BROKER]
+        if not self.announced_up and all(c.status is ProcessStatus.RUNNING for c in daemons):
+            self.announced_up = True
+            log.info("modelhost is up: %d daemons (%s); clients connect at %s", len(daemons),
+                     ", ".join(c.name for c in daemons) or "none",
+                     self.config.broker.frontend)
+
+    # --- the loop -----------------------------------------------------------
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        for child in self.children.values():
+            self._reap(child)
+            if child.process is None and child.status is not ProcessStatus.STOPPED \
+                    and now >= child.next_start_at:
+                if child.status in (ProcessStatus.BACKOFF, ProcessStatus.FAILED):
+                    child.restarts += 1
+                self.start(child)
+            elif (child.status is ProcessStatus.STARTING and child.name != BROKER
+                  and now - child.started_at > child.ready_timeout_s):
+                log.error("daemon=%s not ready after %.0fs (ready_timeout_s); killing it. Its "
+                          "last output:\n%s", child.name, child.ready_timeout_s,
+                          "\n".join(list(child.tail)[-15:]) or "(none)")
+                self._kill_group(child, signal.SIGKILL)
+        broker = self.children[BROKER]
+        if broker.status is ProcessStatus.STARTING and broker.process is not None \
+                and now - broker.started_at > 0.5:
+            broker.status = ProcessStatus.RUNNING
+            broker.ever_ready = True
+        self._talk_to_broker()
+
+    def run(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, lambda *_: setattr(self, "stopping", True))
+        for child in self.children.values():
+            self.start(child)
+        while not self.stopping:
+            for key, _ in self.selector.select(TICK_S):
+                self._relay(key.data)
+            self.tick()
+        self.stop()
+        return 0
+
+    def stop(self) -> None:
+        """Daemons first (SIGTERM, then SIGKILL of the group), the broker last."""
+        self.stopping = True
+        order = [c for n, c in self.children.items() if n != BROKER] + [self.children[BROKER]]
+        for group in (order[:-1], order[-1:]):
+            for child in group:
+                self._kill_group(child, signal.SIGTERM)
+            deadline = time.monotonic() + max((c.stop_timeout_s for c in group), default=0)
+            while any(c.process is not None for c in group) and time.monotonic() < deadline:
+                for key, _ in self.selector.select(0.05):
+                    self._relay(key.data)
+                for child in group:
+                    self._reap(child)
+            for child in group:
+                if child.process is not None:
+                    log.warning("daemon=%s did not stop within %.0fs; killing its process group",
+                                child.name, child.stop_timeout_s)
+                    self._kill_group(child, signal.SIGKILL)
+                    child.process.wait()
+                    self._reap(child)
+        self.context.destroy(linger=0)
+        log.info("all stopped")

@@ -1,0 +1,179 @@
+"""The asyncio client: one socket, one reader task that routes replies by request id."""
+
+import asyncio
+import time
+
+import zmq
+import zmq.asyncio
+
+from . import _messages as m
+from . import protocol
+from ._client import ClientState
+from .errors import BrokerUnavailable, StateError, Timeout
+
+
+class AsyncClient(object):
+    """An asyncio modelhost client; safe to share between tasks of one event loop.
+
+        async with AsyncClient() as client:
+            result = await client.call("espeak", "tts", text="hello")
+
+    Cancelling the task awaiting a call cancels the remote work.
+    """
+
+    def __init__(self, endpoint=None, timeout=None, broker_timeout=10.0, context=None):
+        self.endpoint = endpoint or protocol.default_endpoint()
+        self.timeout = timeout
+        self.broker_timeout = broker_timeout
+        self._context = context or zmq.asyncio.Context.instance()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.ROUTING_ID, m.new_identity())
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(self.endpoint)
+        self._state = ClientState.OPEN
+        self._next_id = 0
+        self._queues = {}  # request id -> asyncio.Queue of (header, payloads)
+        self._reader = None
+        self._last_heard = time.monotonic()
+
+    async def call(self, model, method, timeout=m.NOT_SET, on_progress=None,
+                   priority=protocol.Priority.NORMAL, arguments=None, **kwargs):
+        """Run `method` of `model` and return its result (see Client.call)."""
+        result = None
+        async for header, payloads in self._run(model, method, timeout, priority,
+                                                m.merge_arguments(arguments, kwargs), False):
+            if header["kind"] == protocol.PROGRESS and on_progress is not None:
+                on_progress(m.progress_of(header))
+            elif header["kind"] == protocol.RESULT:
+                result = m.reply_value(header, payloads)
+        return result
+
+    async def stream(self, model, method, timeout=m.NOT_SET, on_progress=None,
+                     priority=protocol.Priority.NORMAL, arguments=None, **kwargs):
+        """Async-iterate the partial chunks of a streaming method."""
+        async for header, payloads in self._run(model, method, timeout, priority,
+                                                m.merge_arguments(arguments, kwargs), True):
+            if header["kind"] == protocol.PARTIAL:
+                yield m.reply_value(header, payloads)
+            elif header["kind"] == protocol.PROGRESS and on_progress is not None:
+                on_progress(m.progress_of(header))
+
+    async def ps(self, timeout=5.0):
+        request_id = self._new_id()
+        queue = self._open(request_id)
+        try:
+            await self._socket.send_multipart(m.control_frames(protocol.PS, request_id))
+            header, payloads = await asyncio.wait_for(queue.get(), timeout)
+        except asyncio.TimeoutError:
+            raise BrokerUnavailable("no answer from the broker at {} within {:.0f}s".format(
+                self.endpoint, timeout))
+        finally:
+            self._queues.pop(request_id, None)
+        if header["kind"] != protocol.RESULT:
+            m.raise_for(header)
+        return m.reply_value(header, payloads)
+
+    async def cancel(self, request_id):
+        await self._socket.send_multipart(m.control_frames(protocol.CANCEL, request_id))
+
+    async def aclose(self):
+        if self._state is ClientState.OPEN:
+            self._state = ClientState.CLOSED
+            if self._reader is not None:
+                self._reader.cancel()
+            self._socket.close(linger=0)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc_info):
+        await self.aclose()
+
+    # --- internals ----------------------------------------------------------
+
+    def _new_id(self):
+        if self._state is not ClientState.OPEN:
+            raise StateError("this AsyncClient is {}; create a new one".format(self._state.value))
+        self._next_id += 1
+        return self._next_id
+
+    def _open(self, request_id):
+        queue = self._queues[request_id] = asyncio.Queue()
+        if self._reader is None or self._reader.done():
+            self._last_heard = time.monotonic()
+            self._reader = asyncio.ensure_future(self._read())
+        return queue
+
+    async def _run(self, model, method, timeout, priority, args, stream):
+        if timeout is m.NOT_SET:
+            timeout = self.timeout
+        request_id = self._new_id()
+        queue = self._open(request_id)
+        deadline = None if timeout is None else time.monotonic() + timeout + m.TIMEOUT_GRACE_S
+        finished = False
+        try:
+            await self._socket.send_multipart(
+                m.call_frames(request_id, model, method, args, timeout, priority, stream),
+                copy=False)
+            while True:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    header, payloads = await asyncio.wait_for(queue.get(), wait)
+                except asyncio.TimeoutError:
+                    raise Timeout("no reply within the timeout (and {:.0f}s grace); the broker "
+                                  "was asked to cancel the call".format(m.TIMEOUT_GRACE_S))
+                kind = header["kind"]
+                if kind in (protocol.ERROR, protocol.CANCELLED):
+                    finished = True
+                    m.raise_for(header)
+                yield header, payloads
+                if kind == protocol.RESULT:
+                    finished = True
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished and self._state is ClientState.OPEN:
+                # Cancelled task, timeout, or an abandoned stream: stop the remote work.
+                await self.cancel(request_id)
+
+    async def _read(self):
+        """Route replies to their request's queue; ping while requests are outstanding."""
+        last_ping = 0.0
+        try:
+            while self._queues:
+                if await self._socket.poll(protocol.HEARTBEAT_S * 1000, zmq.POLLIN):
+                    while True:
+                        try:
+                            frames = await self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._last_heard = time.monotonic()
+                        self._route(*protocol.decode(frames))
+                if time.monotonic() - last_ping >= protocol.HEARTBEAT_S:
+                    # Pings keep this client alive in the broker's eyes and
+                    # reveal requests that a restarted broker no longer knows.
+                    last_ping = time.monotonic()
+                    await self._socket.send_multipart(m.control_frames(
+                        protocol.PING, "ping", ids=sorted(self._queues, key=str)))
+                    silent = time.monotonic() - self._last_heard
+                    if silent > self.broker_timeout:
+                        error = protocol.error_header(
+                            None, BrokerUnavailable.code, "no answer from the broker at {} for "
+                            "{:.0f}s; is `modelhost up` running?".format(self.endpoint, silent))
+                        for queue in self._queues.values():
+                            queue.put_nowait((error, []))
+                        return
+        except asyncio.CancelledError:
+            pass
+
+    def _route(self, header, payloads):
+        if header.get("kind") == protocol.PONG:
+            if header.get("uptime_s", 0.0) >= m.REREGISTER_GRACE_S:
+                known = set(header.get("known") or [])
+                for request_id, queue in self._queues.items():
+                    if request_id not in known and queue.empty():
+                        queue.put_nowait((m.lost_reply(request_id), []))
+            return
+        queue = self._queues.get(header.get("id"))
+        if queue is not None:
+            queue.put_nowait((header, payloads))

@@ -1,0 +1,245 @@
+"""The blocking client. One socket, used from one thread at a time."""
+
+import collections
+import enum
+import time
+
+import zmq
+
+from . import _messages as m
+from . import protocol
+from .errors import BrokerUnavailable, StateError, Timeout
+
+
+class ClientState(enum.Enum):
+    OPEN = "open"  # connected (ZeroMQ connects lazily; the broker may come later)
+    CLOSED = "closed"  # close() was called; every method raises StateError
+
+
+class Stream(object):
+    """Iterates a call's partial chunks; `.result` holds the final value afterwards."""
+
+    def __init__(self, client, request_id, deadline, on_progress):
+        self._client = client
+        self.request_id = request_id
+        self._deadline = deadline
+        self._on_progress = on_progress
+        self.result = None
+        self.done = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.done:
+            raise StopIteration
+        for header, payloads in self._client._replies(self.request_id, self._deadline):
+            kind = header["kind"]
+            if kind == protocol.PARTIAL:
+                return m.reply_value(header, payloads)
+            if kind == protocol.PROGRESS:
+                if self._on_progress is not None:
+                    self._on_progress(m.progress_of(header))
+                continue
+            self.done = True
+            if kind == protocol.RESULT:
+                self.result = m.reply_value(header, payloads)
+                raise StopIteration
+            m.raise_for(header)
+
+    next = __next__
+
+    def cancel(self):
+        """Ask the broker to cancel the call; iteration then ends with Cancelled."""
+        if not self.done:
+            self._client.cancel(self.request_id)
+
+    def close(self):
+        """Stop listening: cancel the call if it is still going and drop what it sends."""
+        if not self.done:
+            self.cancel()
+            self.done = True
+            self._client._forget(self.request_id)
+
+
+class Client(object):
+    """A blocking modelhost client.
+
+        with Client() as client:
+            audio = client.call("espeak", "tts", text="hello")
+
+    Not thread-safe: use one Client per thread.
+    """
+
+    def __init__(self, endpoint=None, timeout=None, broker_timeout=10.0, context=None):
+        self.endpoint = endpoint or protocol.default_endpoint()
+        # Default per-call timeout in seconds (None: calls may run for ever).
+        self.timeout = timeout
+        # How long the broker may stay silent while we wait before the call
+        # fails with BrokerUnavailable (pings are answered every heartbeat).
+        self.broker_timeout = broker_timeout
+        self._context = context or zmq.Context.instance()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.ROUTING_ID, m.new_identity())
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(self.endpoint)
+        self._state = ClientState.OPEN
+        self._next_id = 0
+        # Replies that arrived for requests other than the one being waited on.
+        self._mailbox = collections.defaultdict(collections.deque)
+        self._outstanding = set()
+        self._last_heard = time.monotonic()
+        self._last_ping = 0.0
+
+    # --- public -------------------------------------------------------------
+
+    def call(self, model, method, timeout=m.NOT_SET, on_progress=None,
+             priority=protocol.Priority.NORMAL, arguments=None, **kwargs):
+        """Run `method` of `model` and return its result.
+
+        Keyword arguments are the method's arguments; bytes and numpy arrays
+        among them travel as raw frames. `arguments={...}` passes names that
+        this method reserves (timeout, on_progress, priority, arguments).
+        Ctrl-C cancels the remote work before KeyboardInterrupt propagates.
+        """
+        stream = self._start(model, method, timeout, on_progress, priority,
+                             m.merge_arguments(arguments, kwargs), stream=False)
+        for _chunk in stream:
+            pass  # an operation that streams anyway: chunks are dropped, the result kept
+        return stream.result
+
+    def stream(self, model, method, timeout=m.NOT_SET, on_progress=None,
+               priority=protocol.Priority.NORMAL, arguments=None, **kwargs):
+        """Run a streaming method; iterate the returned Stream for its chunks."""
+        return self._start(model, method, timeout, on_progress, priority,
+                           m.merge_arguments(arguments, kwargs), stream=True)
+
+    def ps(self, timeout=5.0):
+        """The broker's status: {"broker": {...}, "daemons": [{name, state, pid, ...}]}."""
+        request_id = self._new_id()
+        self._send(m.control_frames(protocol.PS, request_id))
+        for header, payloads in self._replies(request_id, time.monotonic() + timeout,
+                                              grace=0.0):
+            if header["kind"] == protocol.RESULT:
+                return m.reply_value(header, payloads)
+            m.raise_for(header)
+
+    def cancel(self, request_id):
+        self._check_open()
+        self._send(m.control_frames(protocol.CANCEL, request_id))
+
+    def close(self):
+        if self._state is ClientState.OPEN:
+            self._socket.close(linger=0)
+            self._state = ClientState.CLOSED
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    # --- internals ----------------------------------------------------------
+
+    def _check_open(self):
+        if self._state is not ClientState.OPEN:
+            raise StateError("this Client is {}; create a new one".format(self._state.value))
+
+    def _new_id(self):
+        self._check_open()
+        self._next_id += 1
+        return self._next_id
+
+    def _send(self, frames):
+        self._socket.send_multipart(frames, copy=False)
+
+    def _start(self, model, method, timeout, on_progress, priority, args, stream):
+        if timeout is m.NOT_SET:
+            timeout = self.timeout
+        request_id = self._new_id()
+        self._send(m.call_frames(request_id, model, method, args, timeout, priority, stream))
+        self._outstanding.add(request_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return Stream(self, request_id, deadline, on_progress)
+
+    def _forget(self, request_id):
+        self._outstanding.discard(request_id)
+        self._mailbox.pop(request_id, None)
+
+    def _replies(self, request_id, deadline, grace=m.TIMEOUT_GRACE_S):
+        """Yield (header, payloads) for request_id until its terminal reply."""
+        self._outstanding.add(request_id)
+        try:
+            while True:
+                box = self._mailbox.get(request_id)
+                if box:
+                    header, payloads = box.popleft()
+                    if header["kind"] in protocol.TERMINAL_KINDS:
+                        self._forget(request_id)
+                    yield header, payloads
+                    if header["kind"] in protocol.TERMINAL_KINDS:
+                        return
+                    continue
+                self._receive_once(request_id, deadline, grace)
+        except KeyboardInterrupt:
+            self._cancel_after_interrupt(request_id)
+            raise
+
+    def _receive_once(self, request_id, deadline, grace):
+        now = time.monotonic()
+        if deadline is not None and now > deadline + grace:
+            self._forget(request_id)
+            self.cancel(request_id)
+            raise Timeout("no reply within the timeout (and {:.0f}s grace); the broker was "
+                          "asked to cancel the call".format(grace))
+        if now - self._last_heard > self.broker_timeout:
+            self._forget(request_id)
+            raise BrokerUnavailable(
+                "no answer from the broker at {} for {:.0f}s; is `modelhost up` running?"
+                .format(self.endpoint, now - self._last_heard))
+        if now - self._last_ping >= protocol.HEARTBEAT_S:
+            # Pings keep this client alive in the broker's eyes while it waits
+            # and reveal a request that a restarted broker no longer knows.
+            self._last_ping = now
+            self._send(m.control_frames(protocol.PING, "ping", ids=sorted(self._outstanding)))
+        wait = protocol.HEARTBEAT_S
+        if deadline is not None:
+            wait = min(wait, max(0.0, deadline + grace - now))
+        if self._socket.poll(wait * 1000, zmq.POLLIN):
+            self._drain()
+
+    def _drain(self):
+        while True:
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._last_heard = time.monotonic()
+            header, payloads = protocol.decode(frames)
+            if header.get("kind") == protocol.PONG:
+                self._on_pong(header)
+            elif header.get("id") in self._outstanding:
+                self._mailbox[header["id"]].append((header, payloads))
+
+    def _on_pong(self, header):
+        if header.get("uptime_s", 0.0) < m.REREGISTER_GRACE_S:
+            return
+        known = set(header.get("known") or [])
+        for request_id in list(self._outstanding):
+            if request_id not in known and not self._mailbox.get(request_id):
+                self._mailbox[request_id].append((m.lost_reply(request_id), []))
+
+    def _cancel_after_interrupt(self, request_id):
+        if request_id not in self._outstanding:
+            return
+        self.cancel(request_id)
+        deadline = time.monotonic() + m.CANCEL_GRACE_S
+        try:
+            while request_id in self._outstanding and time.monotonic() < deadline:
+                box = self._mailbox.get(request_id)
+                if box and box[-1][0]["kind"] in protocol.TERMINAL_KINDS:
+                    break
+                if self._socket.poll(100, zmq.POLLIN):
+                    self._drain()
+        finally:
+            self._forget(request_id)

@@ -1,0 +1,83 @@
+"""What the blocking and the asyncio client share: building calls, reading replies."""
+
+import os
+import uuid
+
+from . import protocol
+from .errors import RequestLost, error_from_wire
+
+# How long a client waits for the broker's own timeout reply before it gives
+# up by itself: the broker answers at the deadline, this covers transit.
+TIMEOUT_GRACE_S = 2.0
+# After Ctrl-C, how long to wait for the daemon to confirm the cancellation.
+CANCEL_GRACE_S = 2.0
+# A request the broker does not know is only declared lost once the broker
+# has been up long enough for daemons to re-register their running calls.
+REREGISTER_GRACE_S = protocol.HEARTBEAT_S * (protocol.LIVENESS + 1)
+
+NOT_SET = object()
+
+
+def new_identity():
+    # Explicit identities let a restarted broker route the replies of calls
+    # that were running in daemons while it was down.
+    return "c-{}-{}".format(os.getpid(), uuid.uuid4().hex[:12]).encode()
+
+
+def merge_arguments(arguments, kwargs):
+    """Keyword arguments plus `arguments=` (for argument names the client reserves)."""
+    merged = dict(arguments or {})
+    merged.update(kwargs)
+    return merged
+
+
+def call_frames(request_id, model, method, args, timeout, priority, stream):
+    header = {"op": protocol.CALL, "id": request_id, "model": model, "method": method,
+              "priority": priority, "stream": stream}
+    if timeout is not None:
+        header["timeout"] = float(timeout)
+    return protocol.encode_value_message(header, "args", args)
+
+
+def control_frames(op, request_id, **fields):
+    header = dict(fields, op=op, id=request_id)
+    return protocol.encode(header)
+
+
+def reply_value(header, payloads):
+    return protocol.internalize(header.get("value"), payloads)
+
+
+def raise_for(header):
+    """Raise the error an error or cancelled reply stands for."""
+    if header["kind"] == protocol.CANCELLED:
+        raise error_from_wire("cancelled", header.get("message") or "the call was cancelled")
+    raise error_from_wire(header.get("code", "internal"), header.get("message", ""),
+                          header.get("details"))
+
+
+def lost_reply(request_id):
+    """A synthetic terminal reply for a request the broker has no record of."""
+    return protocol.error_header(
+        request_id, RequestLost.code,
+        "the broker has no record of request {!r}: it restarted while the request was queued, "
+        "or dropped a frame over its size limit; send the request again".format(request_id))
+
+
+class Progress(object):
+    """A progress report, as passed to `on_progress` callbacks."""
+
+    __slots__ = ("fraction", "stage", "message")
+
+    def __init__(self, fraction, stage, message):
+        self.fraction = fraction
+        self.stage = stage
+        self.message = message
+
+    def __repr__(self):
+        return "Progress(fraction={!r}, stage={!r}, message={!r})".format(
+            self.fraction, self.stage, self.message)
+
+
+def progress_of(header):
+    return Progress(header.get("fraction"), header.get("stage"), header.get("message"))

@@ -1,0 +1,249 @@
+"""The whole wire contract of modelhost; nothing else builds or parses frames.
+
+A message is a ZeroMQ multipart message. After the routing envelope (added and
+removed by ROUTER sockets), frame 0 is a msgpack map, the *header*; the frames
+after it are raw binary payloads. A payload is referenced from the header by an
+msgpack extension value that holds its frame index, so megabytes of audio or
+video never pass through msgpack and a broker forwards them without copying.
+
+Every header carries `v`, the protocol version, and either `op` (a command)
+or `kind` (a reply). Peers check the version on every message, so a peer that
+reconnects after an upgrade gets a clear error instead of a misparse.
+
+Client -> broker (`op`):   call, cancel, ping, ps, supervisor
+Broker -> daemon (`op`):   call, cancel, heartbeat, reregister
+Daemon -> broker (`op`):   register, state, heartbeat
+Replies (`kind`):          partial, progress, result, error, cancelled, pong
+
+Every request id gets exactly one terminal reply: result, error or cancelled.
+
+This module runs on Python 3.7 with only pyzmq and msgpack (numpy is used when
+a value is an array and numpy is importable).
+"""
+
+import os
+import sys
+
+import msgpack
+
+from .errors import BadMessage, ProtocolMismatch
+
+VERSION = 1
+
+# Heartbeats, as in the ZeroMQ Guide's Majordomo: any message counts as proof
+# of life, and a peer silent for LIVENESS intervals is taken for dead.
+HEARTBEAT_S = 1.0
+LIVENESS = 3
+
+# Commands.
+CALL = "call"
+CANCEL = "cancel"
+PING = "ping"
+PS = "ps"
+SUPERVISOR = "supervisor"
+REGISTER = "register"
+STATE = "state"
+HEARTBEAT = "heartbeat"
+REREGISTER = "reregister"
+
+# Reply kinds.
+PARTIAL = "partial"
+PROGRESS = "progress"
+RESULT = "result"
+ERROR = "error"
+CANCELLED = "cancelled"
+PONG = "pong"
+TERMINAL_KINDS = frozenset((RESULT, ERROR, CANCELLED))
+
+
+class DaemonState:
+    """What `ps` shows for a daemon. Plain strings so they travel in msgpack."""
+
+    STARTING = "starting"  # process launched (or expected), not registered yet
+    LOADING = "loading"  # registered, engine.load() running
+    READY = "ready"  # loaded and idle
+    BUSY = "busy"  # loaded and running calls up to its concurrency
+    UNLOADED = "unloaded"  # process alive, weights released
+    FAILED = "failed"  # load failed; calls are refused with the load error
+    CRASHED = "crashed"  # the process died; waiting for its restart
+    STOPPED = "stopped"  # deliberately not running
+
+
+class Priority:
+    INTERACTIVE = "interactive"
+    NORMAL = "normal"
+    BATCH = "batch"
+    ALL = (INTERACTIVE, NORMAL, BATCH)
+
+
+# msgpack extension codes for values that live in payload frames.
+_EXT_BYTES = 1  # data: msgpack int, the frame index
+_EXT_ARRAY = 2  # data: msgpack [frame index, numpy dtype str, shape]
+
+_BINARY_TYPES = (bytes, bytearray, memoryview)
+
+
+def _is_ndarray(value):
+    # Checked by name so the broker and numpy-less daemons never import numpy.
+    cls = type(value)
+    return cls.__name__ == "ndarray" and cls.__module__ == "numpy"
+
+
+def externalize(value, frames):
+    """`value` with every binary leaf moved into `frames` and replaced by a reference."""
+    if isinstance(value, _BINARY_TYPES):
+        frames.append(value)
+        return msgpack.ExtType(_EXT_BYTES, msgpack.packb(len(frames) - 1))
+    if _is_ndarray(value):
+        if value.dtype.hasobject:
+            raise TypeError("arrays of Python objects cannot be sent; use a numeric dtype")
+        import numpy
+
+        contiguous = numpy.ascontiguousarray(value)
+        frames.append(memoryview(contiguous).cast("B") if contiguous.size else b"")
+        meta = [len(frames) - 1, contiguous.dtype.str, list(contiguous.shape)]
+        return msgpack.ExtType(_EXT_ARRAY, msgpack.packb(meta))
+    if isinstance(value, dict):
+        return {key: externalize(item, frames) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [externalize(item, frames) for item in value]
+    return value
+
+
+def internalize(value, frames):
+    """The inverse of externalize: references replaced by bytes or numpy arrays."""
+    if isinstance(value, msgpack.ExtType):
+        return _resolve(value, frames)
+    if isinstance(value, dict):
+        return {key: internalize(item, frames) for key, item in value.items()}
+    if isinstance(value, list):
+        return [internalize(item, frames) for item in value]
+    return value
+
+
+def _frame_at(frames, index):
+    if not isinstance(index, int) or not 0 <= index < len(frames):
+        raise BadMessage("a value refers to payload frame {!r}, but the message has {} "
+                         "payload frames".format(index, len(frames)))
+    return frames[index]
+
+
+def _buffer(frame):
+    return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+
+
+def _resolve(ext, frames):
+    try:
+        meta = msgpack.unpackb(ext.data, raw=False)
+    except Exception as exc:
+        raise BadMessage("a payload reference is not valid msgpack") from exc
+    if ext.code == _EXT_BYTES:
+        frame = _frame_at(frames, meta)
+        return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+    if ext.code == _EXT_ARRAY:
+        if not (isinstance(meta, list) and len(meta) == 3):
+            raise BadMessage("an array reference must be [frame, dtype, shape]")
+        index, dtype, shape = meta
+        frame = _frame_at(frames, index)
+        try:
+            import numpy
+        except ImportError:
+            # No numpy here: hand over the raw data with what is needed to rebuild it.
+            return {"dtype": dtype, "shape": shape, "data": bytes(_buffer(frame))}
+        try:
+            # Zero-copy view on the received frame (read-only).
+            array = numpy.frombuffer(_buffer(frame), dtype=numpy.dtype(dtype))
+            return array.reshape(shape)
+        except (TypeError, ValueError) as exc:
+            raise BadMessage("array payload does not match its dtype {} and shape {}: {}"
+                             .format(dtype, shape, exc)) from exc
+    raise BadMessage("unknown payload reference type {}".format(ext.code))
+
+
+def encode(header, payloads=()):
+    """Frames for a message: the packed header (with the version) and the payloads."""
+    header = dict(header)
+    header["v"] = VERSION
+    return [msgpack.packb(header, use_bin_type=True)] + list(payloads)
+
+
+def encode_value_message(header, field, value):
+    """Frames for a header whose `field` holds `value`, binary leaves moved to frames."""
+    payloads = []
+    header = dict(header)
+    header[field] = externalize(value, payloads)
+    return encode(header, payloads)
+
+
+def decode_header(frame):
+    """The header map of a message's frame 0; BadMessage or ProtocolMismatch if it is not one."""
+    raw = frame.bytes if hasattr(frame, "bytes") else frame
+    try:
+        header = msgpack.unpackb(raw, raw=False)
+    except Exception as exc:
+        raise BadMessage("the header frame is not valid msgpack ({})".format(
+            type(exc).__name__)) from exc
+    if not isinstance(header, dict):
+        raise BadMessage("the header frame must be a msgpack map, not {}".format(
+            type(header).__name__))
+    version = header.get("v")
+    if version != VERSION:
+        # The request id travels in details so that the error reply can name it.
+        raise ProtocolMismatch(
+            "this peer speaks modelhost protocol {} but the message says {!r}; install "
+            "the same modelhost version on both sides".format(VERSION, version),
+            {"id": header.get("id")})
+    return header
+
+
+def decode(frames):
+    """(header, payload frames) of a message without its routing envelope."""
+    if not frames:
+        raise BadMessage("empty message: a header frame is required")
+    return decode_header(frames[0]), frames[1:]
+
+
+def error_header(request_id, code, message, details=None):
+    header = {"kind": ERROR, "id": request_id, "code": code, "message": message}
+    if details:
+        header["details"] = details
+    return header
+
+
+def default_runtime_dir():
+    """Where ipc sockets live when nothing else is configured."""
+    explicit = os.environ.get("MODELHOST_RUNTIME_DIR")
+    if explicit:
+        return explicit
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return os.path.join(xdg, "modelhost")
+    return os.path.join("/tmp", "modelhost-{}".format(os.getuid()))
+
+
+def default_endpoint():
+    """The broker's client endpoint: $MODELHOST_ENDPOINT, else the runtime dir's socket."""
+    return os.environ.get("MODELHOST_ENDPOINT") or "ipc://" + os.path.join(
+        default_runtime_dir(), "frontend.sock")
+
+
+def interpreter_description():
+    return "CPython {}.{}.{} ({})".format(sys.version_info[0], sys.version_info[1],
+                                          sys.version_info[2], sys.executable)
+
+
+def configure_logging(component, level="info"):
+    """One event a line on stderr: time, level, component, then `daemon=` / `rid=` fields.
+
+    Shared by the broker, the supervisor and every daemon so that their lines,
+    interleaved in one terminal or journal, read and parse alike.
+    """
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s.%(msecs)03d %(levelname)s " + component + " %(message)s",
+        "%Y-%m-%dT%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, str(level).upper(), logging.INFO))

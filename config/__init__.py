@@ -1,0 +1,1 @@
+"""Configuration files shipped with modelhost (the embedded default lives here)."""

@@ -1,0 +1,97 @@
+"""The engine interface: what a model author writes to be served by modelhost.
+
+An engine is a class built with its configured options as keyword arguments
+(cheap: nothing heavy in __init__), then:
+
+- load()    weights to the device; called once when the daemon starts;
+- unload()  weights gone, memory freed; the process stays;
+- offload() / onload()  optional: weights to host RAM and back;
+- operations: methods marked with @operation, called as
+  `method(ctx, **arguments)`. An operation returns its result, or is a
+  generator: each yielded value is streamed to the client as a partial
+  chunk, and the generator's return value is the result.
+
+The runtime owns sockets, heartbeats, cancellation and error replies; engine
+code holds no socket code. Raise `BadArguments` for bad input (the client gets
+`bad_arguments`); any other exception becomes an `engine_error` reply and the
+daemon keeps serving.
+"""
+
+import threading
+
+from modelhost.errors import BadArguments, Cancelled  # noqa: F401 (re-exported for engines)
+
+_OPERATION_MARK = "__modelhost_operation__"
+
+
+def operation(func):
+    """Mark an engine method as callable by clients."""
+    setattr(func, _OPERATION_MARK, True)
+    return func
+
+
+def operations_of(engine):
+    """{name: bound method} of the engine's operations."""
+    found = {}
+    for name in dir(type(engine)):
+        if name.startswith("_"):
+            continue
+        member = getattr(type(engine), name, None)
+        if callable(member) and getattr(member, _OPERATION_MARK, False):
+            found[name] = getattr(engine, name)
+    return found
+
+
+class Engine(object):
+    """Base class with the lifecycle hooks as no-ops; subclasses override what they need."""
+
+    def __init__(self, **options):
+        self.options = options
+
+    def load(self):
+        """Bring the weights to the device. Called on a worker thread."""
+
+    def unload(self):
+        """Release the weights and their memory."""
+
+    # offload()/onload() are deliberately absent here: the runtime offers the
+    # host-RAM tier only for engines that define them.
+
+    def describe(self):
+        """Extra facts for `modelhost ps` (library versions, device, ...)."""
+        return {}
+
+
+class CallContext(object):
+    """What an operation gets besides its arguments: progress, streaming, cancellation."""
+
+    def __init__(self, request_id, method, stream, send):
+        self.request_id = request_id
+        self.method = method
+        # True when the client iterates partial chunks; an engine may use it to
+        # pick a streaming code path.
+        self.stream = stream
+        self._send = send
+        self._cancelled = threading.Event()
+
+    @property
+    def cancelled(self):
+        return self._cancelled.is_set()
+
+    def check_cancelled(self):
+        """Raise Cancelled if the client (or a deadline) cancelled this call."""
+        if self._cancelled.is_set():
+            raise Cancelled("the call was cancelled")
+
+    def progress(self, fraction=None, stage=None, message=None):
+        """Report progress: fraction in [0, 1], an optional stage name and a line for people."""
+        if fraction is not None:
+            fraction = min(1.0, max(0.0, float(fraction)))
+        self._send("progress", {"fraction": fraction, "stage": stage, "message": message})
+
+    def partial(self, value):
+        """Stream one chunk to the client (the same as yielding it from a generator)."""
+        self._send("partial", value)
+
+    def cancel(self):
+        self._cancelled.set()

@@ -1,0 +1,187 @@
+"""Shared fixtures: real venvs on other interpreters, and a real `modelhost up` to test against.
+
+The test venvs are built once with modelhost's own setup code into
+.cache/test-venvs (ignored by git) and reused while nothing changed.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import modelhost
+from modelhost import protocol
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINES = ROOT / "tests" / "engines"
+VENV_CACHE = ROOT / ".cache" / "test-venvs"
+
+# Two daemons on interpreters unlike the host's, with numpy majors unlike each other.
+TEST_VENVS = {
+    "py37": ("3.7", "numpy<2\n"),
+    "py312": ("3.12", "numpy>=2\n"),
+}
+
+
+@pytest.fixture(scope="session")
+def test_venvs():
+    """{name: venv path}, built (or found up to date) by modelhost.broker.envs."""
+    from modelhost.broker import envs
+    from modelhost.broker.config import DaemonConfig
+
+    VENV_CACHE.mkdir(parents=True, exist_ok=True)
+    venvs = {}
+    for name, (python, requirements) in TEST_VENVS.items():
+        req = VENV_CACHE / (name + "-requirements.txt")
+        if not req.exists() or req.read_text() != requirements:
+            req.write_text(requirements)
+        daemon = DaemonConfig(name=name, engine="probe_engine:ProbeEngine", python=python,
+                              venv=VENV_CACHE / name, requirements=req)
+        result = envs.setup_daemon(daemon, log=lambda line: None)
+        assert result.action in ("created", "updated", "unchanged"), result.message
+        venvs[name] = VENV_CACHE / name
+    return venvs
+
+
+def daemon_yaml(name, venv=None, **settings):
+    """A daemon section running the probe engine, in a venv or on the host interpreter."""
+    lines = ["  {}:".format(name),
+             "    engine: probe_engine:ProbeEngine",
+             "    pythonpath: [{}]".format(ENGINES)]
+    if venv is None:
+        lines += ["    python: {}".format(sys.executable), "    venv: false"]
+    else:
+        lines += ["    python: {}".format(venv / "bin" / "python"), "    venv: {}".format(venv)]
+    for key, value in settings.items():
+        lines.append("    {}: {}".format(key, value))
+    return "\n".join(lines) + "\n"
+
+
+class Host(object):
+    """A real `modelhost up` (supervisor, broker and daemons as processes) in a temp dir."""
+
+    def __init__(self, daemons, broker_settings=None):
+        # Short: ipc socket paths are limited to 107 bytes.
+        self.dir = Path(tempfile.mkdtemp(prefix="mh-", dir="/tmp"))
+        self.runtime = self.dir / "run"
+        settings = {"runtime_dir": str(self.runtime), "state_dir": str(self.dir / "state"),
+                    "heartbeat_s": 0.5, "liveness": 3, "client_liveness_s": 3.0,
+                    "log_level": "debug"}
+        settings.update(broker_settings or {})
+        text = "broker:\n" + "".join("  {}: {}\n".format(k, v) for k, v in settings.items())
+        text += "daemons:\n" + "".join(daemons)
+        self.config = self.dir / "config.yaml"
+        self.config.write_text(text)
+        self.endpoint = "ipc://{}/frontend.sock".format(self.runtime)
+        self.log_path = self.dir / "up.log"
+        self.process = None
+        self._clients = []
+
+    def start(self, *extra):
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "modelhost.cli", "up", "--config", str(self.config),
+             "--no-setup"] + list(extra),
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def client(self, **options):
+        client = modelhost.Client(self.endpoint, **options)
+        self._clients.append(client)
+        return client
+
+    def ps(self):
+        with modelhost.Client(self.endpoint) as client:
+            return client.ps(timeout=5.0)
+
+    def daemon(self, name):
+        return next(d for d in self.ps()["daemons"] if d["name"] == name)
+
+    def wait_for(self, predicate, timeout=60.0, what="the condition"):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError("modelhost up exited with {}:\n{}".format(
+                    self.process.returncode, self.log()))
+            try:
+                last = self.ps()
+                if predicate(last):
+                    return last
+            except modelhost.ModelhostError as exc:
+                last = exc
+            time.sleep(0.1)
+        raise AssertionError("timed out waiting for {}; last status: {}\n--- log ---\n{}".format(
+            what, last, self.log()[-6000:]))
+
+    def wait_ready(self, *names, timeout=60.0):
+        def ready(status):
+            states = {d["name"]: d["state"] for d in status["daemons"]}
+            return all(states.get(name) in ("ready", "busy") for name in names)
+        return self.wait_for(ready, timeout, "daemons {} to be ready".format(", ".join(names)))
+
+    def log(self):
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self):
+        for client in self._clients:
+            client.close()
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+                raise AssertionError("modelhost up did not stop on SIGINT:\n" + self.log())
+        if self.process is not None:
+            self._log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def make_host():
+    hosts = []
+
+    def make(daemons, broker_settings=None):
+        host = Host(daemons, broker_settings)
+        hosts.append(host)
+        return host
+
+    yield make
+    for host in hosts:
+        host.stop()
+
+
+@pytest.fixture
+def probe_host(make_host):
+    """One probe daemon on the host interpreter, queue of 3: the common case."""
+    host = make_host([daemon_yaml("probe", max_queue=3, max_payload="32MiB")]).start()
+    host.wait_ready("probe")
+    return host
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is dead for our purposes.
+    try:
+        with open("/proc/{}/stat".format(pid)) as handle:
+            return handle.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def default_endpoint_for(runtime_dir):
+    return "ipc://" + os.path.join(str(runtime_dir), "frontend.sock")
+
+
+__all__ = ["Host", "daemon_yaml", "pid_alive", "protocol"]

@@ -1,0 +1,85 @@
+"""A real engine for tests: reports its interpreter, counts loads, echoes, sleeps, streams.
+
+Runs inside the test daemons' venvs (Python 3.7/3.8 with numpy 1.x, 3.12 with
+numpy 2.x) with only the stdlib, numpy if installed, and modelhost.
+"""
+
+import os
+import sys
+import time
+
+from modelhost.daemons.engine import BadArguments, Engine, operation
+
+
+class ProbeEngine(Engine):
+    def __init__(self, load_seconds=0.0, **options):
+        super(ProbeEngine, self).__init__(**options)
+        self.load_seconds = load_seconds
+        self.loads = 0
+        self.calls = 0
+        self.notes = []  # tags of `note` calls that really ran, in order
+
+    def load(self):
+        time.sleep(self.load_seconds)
+        self.loads += 1
+
+    def describe(self):
+        return {"loads": self.loads}
+
+    @operation
+    def info(self, ctx):
+        self.calls += 1
+        try:
+            import numpy
+            numpy_version = numpy.__version__
+        except ImportError:
+            numpy_version = None
+        return {"python": "{}.{}.{}".format(*sys.version_info[:3]),
+                "executable": sys.executable, "prefix": sys.prefix, "numpy": numpy_version,
+                "pid": os.getpid(), "loads": self.loads, "calls": self.calls}
+
+    @operation
+    def echo(self, ctx, data=None, **extra):
+        return {"data": data, "extra": extra}
+
+    @operation
+    def add(self, ctx, a: int, b: int = 0):
+        return a + b
+
+    @operation
+    def sleep(self, ctx, seconds: float, cooperative: bool = True):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if cooperative:
+                ctx.check_cancelled()
+            ctx.progress((seconds - (end - time.monotonic())) / seconds, "sleeping")
+            time.sleep(min(0.02, max(0.0, end - time.monotonic())))
+        return seconds
+
+    @operation
+    def count(self, ctx, n: int, size: int = 0, delay: float = 0.0):
+        if n < 0:
+            raise BadArguments("n must be >= 0")
+        for index in range(n):
+            ctx.check_cancelled()
+            if delay:
+                time.sleep(delay)
+            yield {"index": index, "blob": bytes([index % 256]) * size}
+        return {"sent": n}
+
+    @operation
+    def note(self, ctx, tag: str):
+        self.notes.append(tag)
+        return len(self.notes)
+
+    @operation
+    def noted(self, ctx):
+        return list(self.notes)
+
+    @operation
+    def fail(self, ctx, message: str = "boom"):
+        raise ValueError(message)
+
+    @operation
+    def crash(self, ctx):
+        os._exit(17)
