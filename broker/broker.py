@@ -57,6 +57,10 @@ class Broker:
         self.context = zmq.Context()
         self.frontend = self._router(broker.frontend)
         self.backend = self._router(broker.backend)
+        # Sending to a daemon socket that is not connected raises instead of
+        # vanishing, so a call is never lost to a slot that is reconnecting.
+        self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.peers: dict[bytes, str] = {}  # routing id of a daemon socket -> daemon name
         self.poller = zmq.Poller()
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.backend, zmq.POLLIN)
@@ -80,19 +84,30 @@ class Broker:
 
     # --- effects (called by the scheduler) ----------------------------------
 
-    def dispatch(self, daemon, request: Request) -> None:
+    def dispatch(self, daemon, request: Request) -> bool:
         header = dict(request.forward, op=protocol.CALL, id=request.id, client=request.client)
         if request.deadline is not None:
             header["timeout"] = max(0.0, request.deadline - self.clock())
-        self.backend.send_multipart([daemon.identity] + protocol.encode(header, request.payloads),
-                                    copy=False)
+        if not self._to_daemon(daemon.slots[request.slot], header, request.payloads):
+            return False
         # The broker keeps no reference to payloads once they are sent.
         request.payloads = []
+        return True
 
     def cancel_remote(self, daemon, request: Request) -> None:
         if daemon.identity is not None:
-            self.backend.send_multipart([daemon.identity] + protocol.encode(
-                {"op": protocol.CANCEL, "id": request.id, "client": request.client}))
+            self._to_daemon(daemon.identity, {"op": protocol.CANCEL, "id": request.id,
+                                              "client": request.client})
+
+    def _to_daemon(self, identity: bytes, header: dict, payloads=()) -> bool:
+        try:
+            self.backend.send_multipart([identity] + protocol.encode(header, payloads),
+                                        copy=False)
+            return True
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            return False
 
     def reply_error(self, request: Request, code: str, message: str) -> None:
         log.info("daemon=%s rid=%s error %s: %s", request.model, request.id, code, message)
@@ -188,18 +203,19 @@ class Broker:
         except ModelhostError as exc:
             log.error("dropped a daemon message: %s", exc)
             return
-        name = self._daemon_named(identity)
+        name = self.peers.get(identity)
         op = header.get("op")
         if op == protocol.REGISTER:
             self.on_register(identity, header)
             return
-        if name is None:
-            # A daemon this broker does not know yet (it restarted): have it
-            # register, and still deliver its replies.
-            self.backend.send_multipart([identity] + protocol.encode({"op": protocol.REREGISTER}))
-        else:
-            self.scheduler.on_daemon_seen(name)
         kind = header.get("kind")
+        if name is not None:
+            self.scheduler.on_daemon_seen(name)
+        elif kind is None:
+            # The control socket of a daemon this broker does not know yet (it
+            # restarted): have it register. Replies from its slots are still
+            # delivered below.
+            self._to_daemon(identity, {"op": protocol.REREGISTER})
         if kind is not None:
             self.on_daemon_reply(name, header, body)
         elif op == protocol.STATE and name is not None:
@@ -216,6 +232,10 @@ class Broker:
             log.error("a daemon named %r registered, but the configuration has no such daemon; "
                       "ignoring it", name)
             return
+        for peer in [peer for peer, owner in self.peers.items() if owner == name]:
+            del self.peers[peer]
+        self.peers[identity] = name
+        self.peers.update((slot, name) for slot in daemon.slots)
         log.info("daemon=%s registered: pid %s, %s, state %s, %d calls running",
                  name, daemon.pid, daemon.interpreter, daemon.state,
                  len(header.get("running") or []))
@@ -230,12 +250,6 @@ class Broker:
         if self.scheduler.on_reply(name, client, header.get("id"), terminal):
             # The daemon's header frame goes to the client unchanged.
             self.frontend.send_multipart([client] + body, copy=False)
-
-    def _daemon_named(self, identity: bytes) -> str | None:
-        for daemon in self.scheduler.daemons.values():
-            if daemon.identity == identity:
-                return daemon.name
-        return None
 
     # --- daemon processes ---------------------------------------------------
 
@@ -321,7 +335,6 @@ class Broker:
             log.error("the supervising process %s is gone; stopping", self.parent_pid)
             self.stopping = True
             return
-        beat = protocol.encode({"op": protocol.HEARTBEAT})
         for daemon in self.scheduler.daemons.values():
             if daemon.identity is not None:
-                self.backend.send_multipart([daemon.identity] + beat)
+                self._to_daemon(daemon.identity, {"op": protocol.HEARTBEAT})

@@ -28,6 +28,8 @@ log = logging.getLogger("modelhost.broker")
 
 RequestKey = tuple[bytes, Any]  # (client identity, request id)
 
+DISPATCH_RETRY_S = 0.05
+
 
 class RequestState(enum.Enum):
     QUEUED = "queued"  # waiting in its daemon's queue
@@ -50,6 +52,7 @@ class Request:
     deadline: float | None = None
     state: RequestState = RequestState.QUEUED
     enqueued_at: float = 0.0
+    slot: int | None = None  # index of the daemon's slot running it
 
     @property
     def key(self) -> RequestKey:
@@ -68,7 +71,11 @@ class Daemon:
     name: str
     limits: DaemonLimits
     state: str = DaemonState.STARTING
-    identity: bytes | None = None  # routing id of its connection, once registered
+    identity: bytes | None = None  # routing id of its control socket, once registered
+    # Routing ids of its call slots: one call at a time each, on its own socket.
+    slots: list = field(default_factory=list)
+    # After a dispatch to a slot that is not connected yet: when to try again.
+    retry_at: float = 0.0
     pid: int | None = None
     interpreter: str | None = None
     python: str | None = None
@@ -92,7 +99,8 @@ class Daemon:
 
 
 class Effects(Protocol):
-    def dispatch(self, daemon: Daemon, request: Request) -> None: ...
+    # False when the request's slot is not connected (yet): it is queued again.
+    def dispatch(self, daemon: Daemon, request: Request) -> bool | None: ...
     def cancel_remote(self, daemon: Daemon, request: Request) -> None: ...
     def reply_error(self, request: Request, code: str, message: str) -> None: ...
     def reply_cancelled(self, request: Request, message: str) -> None: ...
@@ -194,6 +202,8 @@ class Scheduler:
         daemon.python = info.get("python")
         daemon.engine = info.get("engine")
         daemon.methods = list(info.get("methods") or [])
+        daemon.slots = list(info.get("slots") or [identity] * daemon.limits.concurrency)
+        daemon.retry_at = 0.0
         daemon.started_at = now - float(info.get("uptime_s") or 0.0)
         self._apply_state(daemon, info)
         for call in info.get("running") or []:
@@ -270,7 +280,10 @@ class Scheduler:
     def next_wakeup(self) -> float | None:
         while self._deadlines and self._stale_deadline(self._deadlines[0]):
             heapq.heappop(self._deadlines)
-        return self._deadlines[0][0] if self._deadlines else None
+        times = [d.retry_at for d in self.daemons.values() if d.retry_at]
+        if self._deadlines:
+            times.append(self._deadlines[0][0])
+        return min(times, default=None)
 
     def on_tick(self) -> None:
         now = self.clock()
@@ -284,6 +297,9 @@ class Scheduler:
             if daemon.identity is not None and now - daemon.last_seen > self.daemon_expiry_s:
                 self.on_daemon_lost(daemon.name, "no heartbeat for {:.1f}s".format(
                     now - daemon.last_seen))
+            elif daemon.retry_at and now >= daemon.retry_at:
+                daemon.retry_at = 0.0
+                self._pump(daemon)
         for client, seen in list(self.clients.items()):
             if now - seen > self.client_expiry_s:
                 self._drop_client(client)
@@ -336,19 +352,34 @@ class Scheduler:
             return
         request = Request(client=key[0], id=key[1], model=daemon.name,
                           method=call.get("method") or "?", forward={}, payloads=[],
-                          state=RequestState.RUNNING, enqueued_at=self.clock())
+                          state=RequestState.RUNNING, enqueued_at=self.clock(),
+                          slot=call.get("slot"))
         self.requests[key] = request
         daemon.running[key] = request
 
     def _pump(self, daemon: Daemon) -> None:
-        """Dispatch queued calls while the daemon has free slots."""
-        while daemon.serving and len(daemon.running) < daemon.limits.concurrency:
+        """Dispatch queued calls to the daemon's free slots."""
+        if not daemon.serving or self.clock() < daemon.retry_at:
+            return
+        busy = {request.slot for request in daemon.running.values()}
+        free = [index for index in range(min(len(daemon.slots), daemon.limits.concurrency))
+                if index not in busy]
+        for slot in free:
             request = self._next_queued(daemon)
             if request is None:
                 return
             request.state = RequestState.RUNNING
+            request.slot = slot
             daemon.running[request.key] = request
-            self.effects.dispatch(daemon, request)
+            if self.effects.dispatch(daemon, request) is False:
+                # The slot's socket has not connected yet (a daemon that just
+                # registered, or a broker that just restarted): try shortly.
+                del daemon.running[request.key]
+                request.state = RequestState.QUEUED
+                request.slot = None
+                daemon.queues[request.priority].appendleft(request)
+                daemon.retry_at = self.clock() + DISPATCH_RETRY_S
+                return
 
     def _next_queued(self, daemon: Daemon) -> Request | None:
         for priority in Priority.ALL:

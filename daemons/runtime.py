@@ -1,15 +1,19 @@
-"""The daemon runtime: one engine behind one DEALER socket to the broker.
+"""The daemon runtime: one engine, one control socket, one socket per call slot.
 
-Threads, and why:
-- the main thread owns the broker socket. It polls, answers heartbeats,
-  receives calls and cancellations, and forwards what workers produce. It
-  never runs engine code, so a daemon stays responsive (and visibly alive)
-  during a minute-long load or call.
-- a lifecycle thread runs engine.load() / unload().
-- `concurrency` worker threads run operations.
-Threads other than the main one never touch the broker socket: each has its
-own inproc PUSH socket to the main thread, and marks each message with a tag
-so the main thread knows when a call or a load is over.
+Threads and sockets, and why:
+- the main thread owns the *control* DEALER: registration, heartbeats both
+  ways, cancellations, state changes, the parent watch. It never runs engine
+  code, so a daemon stays visibly alive through a minute-long load or call.
+- each of the `concurrency` *slot* threads owns a DEALER of its own. The
+  broker sends a call to a free slot's socket, and the slot thread runs the
+  operation right there and sends its chunks and result on the same socket:
+  no thread handoff on the hot path, and no socket shared between threads
+  (ZeroMQ sockets are not thread-safe).
+- a lifecycle thread runs engine.load() and reports back over inproc.
+
+An operation may call ctx.progress()/ctx.partial() from threads of its own:
+sends on a slot socket are serialized by a lock, and the slot thread itself
+only touches its socket between calls or under that lock.
 
 Runs on Python 3.7 with only pyzmq and msgpack.
 """
@@ -18,7 +22,6 @@ import importlib
 import inspect
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
@@ -28,18 +31,13 @@ import traceback
 import zmq
 
 from modelhost import protocol
-from modelhost.errors import BadArguments, Cancelled, ModelhostError
+from modelhost.errors import BadArguments, Cancelled, ModelhostError, error_from_wire
 
 from .engine import CallContext, operations_of
 
 log = logging.getLogger("modelhost.daemon")
 
-_WORKER_ENDPOINT = "inproc://modelhost-daemon-out"
-
-# Tags on messages from the lifecycle and worker threads to the main thread.
-_TAG_FORWARD = b"F"  # forward to the broker; the call goes on
-_TAG_TERMINAL = b"T"  # forward to the broker; the call is over
-_TAG_STATE = b"S"  # the engine's state changed (load or unload finished)
+_LIFECYCLE_ENDPOINT = "inproc://modelhost-lifecycle"
 
 # Annotations checked against argument types before a call reaches the engine.
 # Anything fancier (Optional, numpy arrays, ...) is left to the engine.
@@ -56,22 +54,36 @@ def import_engine(path):
         raise ImportError("module {} has no class {}".format(module_name, class_name))
 
 
+_SIGNATURES = {}  # operation function -> (signature, {argument: checked type})
+
+
+def _signature_of(method):
+    # inspect.signature costs more than a small call itself: compute it once.
+    function = getattr(method, "__func__", method)
+    cached = _SIGNATURES.get(function)
+    if cached is None:
+        signature = inspect.signature(method)
+        checked = {name: parameter.annotation for name, parameter in signature.parameters.items()
+                   if parameter.annotation in _CHECKED_TYPES}
+        cached = _SIGNATURES[function] = (signature, checked)
+    return cached
+
+
 def check_arguments(method, ctx, arguments):
     """Bind `arguments` to the operation's signature; BadArguments names what is wrong."""
     if not isinstance(arguments, dict):
         raise BadArguments("arguments must be a map of names to values")
-    signature = inspect.signature(method)
+    signature, checked = _signature_of(method)
     try:
-        bound = signature.bind(ctx, **arguments)
+        signature.bind(ctx, **arguments)
     except TypeError as exc:
         accepted = [name for name in list(signature.parameters)[1:]]
         raise BadArguments("{}: {} (accepted arguments: {})".format(
             method.__name__, exc, ", ".join(accepted) or "none"))
-    for name, value in bound.arguments.items():
-        parameter = signature.parameters[name]
-        expected = parameter.annotation
-        if expected not in _CHECKED_TYPES or name not in arguments:
+    for name, expected in checked.items():
+        if name not in arguments:
             continue
+        value = arguments[name]
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             continue
         if expected is int and isinstance(value, bool):
@@ -83,6 +95,138 @@ def check_arguments(method, ctx, arguments):
                 method.__name__, name, expected.__name__, type(value).__name__))
 
 
+def _identity(name, role):
+    # Explicit identities: a restarted broker can route to slots it never saw
+    # register, and the replies of calls that outlived the old broker.
+    return "{}:{}:{}".format(name, os.getpid(), role).encode()
+
+
+class Slot(object):
+    """One call at a time, on its own socket and thread."""
+
+    def __init__(self, runtime, index):
+        self.runtime = runtime
+        self.index = index
+        self.identity = _identity(runtime.name, "s{}".format(index))
+        self.socket = None
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self.serve, name="slot-{}".format(index),
+                                       daemon=True)
+
+    def connect(self, context, endpoint):
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.ROUTING_ID, self.identity)
+        self.socket.setsockopt(zmq.LINGER, 1000)
+        self.socket.connect(endpoint)
+
+    def send(self, frames):
+        with self.lock:
+            self.socket.send_multipart(frames, copy=False)
+
+    def serve(self):
+        runtime = self.runtime
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        while not runtime.stopping:
+            # A bounded wait, so the thread notices a stop.
+            if not poller.poll(200):
+                continue
+            with self.lock:
+                frames = self.socket.recv_multipart(copy=False)
+            try:
+                header, payloads = protocol.decode(frames)
+            except ModelhostError as exc:
+                log.error("dropped a message from the broker: %s", exc)
+                continue
+            if header.get("op") == protocol.CALL:
+                self.run_call(header, payloads)
+            elif header.get("op") != protocol.HEARTBEAT:
+                log.warning("slot %d ignored command %r", self.index, header.get("op"))
+
+    def run_call(self, header, payloads):
+        runtime = self.runtime
+        request_id, client = header.get("id"), header.get("client")
+        base = {"id": request_id, "client": client}
+        ctx = CallContext(request_id, header.get("method"), bool(header.get("stream")), None)
+        seq = [0]
+        finished = [False]
+
+        def send(kind, value):
+            header = dict(base, kind=kind)
+            if kind == protocol.PARTIAL:
+                header["seq"] = seq[0]
+                seq[0] += 1
+                frames = protocol.encode_value_message(header, "value", value)
+            else:
+                header.update(value)
+                frames = protocol.encode(header)
+            with self.lock:
+                # An engine thread that outlives its call must not speak for it.
+                if not finished[0]:
+                    self.socket.send_multipart(frames, copy=False)
+
+        ctx._send = send
+        ctx.slot = self.index
+        key = (client, request_id)
+        with runtime.running_lock:
+            runtime.running[key] = ctx
+        try:
+            frames = self._outcome(ctx, header, payloads, base)
+        finally:
+            with runtime.running_lock:
+                runtime.running.pop(key, None)
+        with self.lock:
+            finished[0] = True
+            self.socket.send_multipart(frames, copy=False)
+
+    def _outcome(self, ctx, header, payloads, base):
+        """The terminal reply's frames; engine exceptions never escape."""
+        runtime = self.runtime
+        try:
+            if runtime.state != protocol.DaemonState.READY:
+                raise error_from_wire(
+                    "daemon_unavailable", "daemon {} is {}{}".format(
+                        runtime.name, runtime.state, ": " + runtime.error if runtime.error else ""))
+            method = runtime.operations.get(header.get("method"))
+            if method is None:
+                raise error_from_wire(
+                    "unknown_method", "{} has no method {!r}; it offers: {}".format(
+                        runtime.name, header.get("method"), ", ".join(sorted(runtime.operations))))
+            arguments = protocol.internalize(header.get("args") or {}, payloads)
+            check_arguments(method, ctx, arguments)
+            ctx.check_cancelled()
+            outcome = method(ctx, **arguments)
+            if inspect.isgenerator(outcome):
+                outcome = self._drain(ctx, outcome)
+            return protocol.encode_value_message(dict(base, kind=protocol.RESULT), "value",
+                                                 outcome)
+        except Cancelled as exc:
+            return protocol.encode(dict(base, kind=protocol.CANCELLED, message=exc.message))
+        except ModelhostError as exc:
+            return protocol.encode(dict(base, **protocol.error_header(
+                ctx.request_id, exc.code, exc.message, exc.details)))
+        except Exception as exc:
+            log.error("rid=%s %s raised %s: %s\n%s", ctx.request_id, ctx.method,
+                      type(exc).__name__, exc, traceback.format_exc())
+            return protocol.encode(dict(base, **protocol.error_header(
+                ctx.request_id, "engine_error",
+                "{} raised {}: {}".format(ctx.method, type(exc).__name__, exc),
+                {"type": type(exc).__name__})))
+
+    @staticmethod
+    def _drain(ctx, generator):
+        try:
+            while True:
+                ctx.check_cancelled()
+                try:
+                    chunk = next(generator)
+                except StopIteration as stop:
+                    return stop.value
+                ctx.partial(chunk)
+        finally:
+            generator.close()
+
+
 class Runtime(object):
     def __init__(self, spec, engine=None, engine_error=None):
         self.name = spec["name"]
@@ -90,7 +234,6 @@ class Runtime(object):
         self.engine = engine
         self.heartbeat_s = float(spec.get("heartbeat_s", protocol.HEARTBEAT_S))
         self.liveness = int(spec.get("liveness", protocol.LIVENESS))
-        self.concurrency = int(spec.get("concurrency", 1))
         self.parent_pid = spec.get("parent_pid")
         self.started = time.monotonic()
         self.operations = operations_of(engine) if engine is not None else {}
@@ -100,106 +243,42 @@ class Runtime(object):
             self.state, self.error = protocol.DaemonState.LOADING, None
         self.loads = 0
         self.facts = {}
-        # (client, request id) -> CallContext of calls handed to workers.
+        # (client, request id) -> CallContext, for cancellation and re-registration.
         self.running = {}
-        self.work = queue.Queue()
+        self.running_lock = threading.Lock()
         self.stopping = False
         self.context = zmq.Context.instance()
-        self.local = threading.local()
-
-    # --- threads other than main -------------------------------------------
-
-    def _push(self, tag, frames):
-        push = getattr(self.local, "push", None)
-        if push is None:
-            push = self.local.push = self.context.socket(zmq.PUSH)
-            push.connect(_WORKER_ENDPOINT)
-        push.send_multipart([tag] + list(frames), copy=False)
+        self.slots = [Slot(self, index) for index in range(int(spec.get("concurrency", 1)))]
 
     def _lifecycle(self, action):
+        """engine.load() or unload() off the main thread; the outcome goes back over inproc."""
+        push = self.context.socket(zmq.PUSH)
+        push.connect(_LIFECYCLE_ENDPOINT)
         try:
             if action == "load":
                 self.engine.load()
                 self.loads += 1
-                facts = self.engine.describe() or {}
-                self._push(_TAG_STATE, [protocol.encode(
-                    {"state": protocol.DaemonState.READY, "facts": facts})[0]])
+                update = {"state": protocol.DaemonState.READY,
+                          "facts": self.engine.describe() or {}}
             else:
                 self.engine.unload()
-                self._push(_TAG_STATE, [protocol.encode(
-                    {"state": protocol.DaemonState.UNLOADED})[0]])
+                update = {"state": protocol.DaemonState.UNLOADED}
         except Exception as exc:
-            log.error("%s failed: %s", action, exc)
-            log.debug("%s", traceback.format_exc())
-            message = "{} failed: {}: {}".format(action, type(exc).__name__, exc)
-            self._push(_TAG_STATE, [protocol.encode(
-                {"state": protocol.DaemonState.FAILED, "error": message})[0]])
+            log.error("%s failed: %s\n%s", action, exc, traceback.format_exc())
+            update = {"state": protocol.DaemonState.FAILED,
+                      "error": "{} failed: {}: {}".format(action, type(exc).__name__, exc)}
+        push.send(protocol.encode(update)[0])
+        push.close(linger=1000)
 
-    def _worker(self):
-        while True:
-            item = self.work.get()
-            if item is None:
-                return
-            ctx, client, method, arguments = item
-            self._run_call(ctx, client, method, arguments)
+    # --- main thread: the control socket ------------------------------------
 
-    def _run_call(self, ctx, client, method, arguments):
-        base = {"id": ctx.request_id, "client": client}
-        seq = [0]
-
-        def send(kind, value):
-            header = dict(base, kind=kind)
-            if kind == protocol.PARTIAL:
-                header["seq"] = seq[0]
-                seq[0] += 1
-                self._push(_TAG_FORWARD, protocol.encode_value_message(header, "value", value))
-            else:
-                header.update(value)
-                self._push(_TAG_FORWARD, protocol.encode(header))
-
-        ctx._send = send
-        started = time.monotonic()
-        try:
-            ctx.check_cancelled()
-            outcome = method(ctx, **arguments)
-            if inspect.isgenerator(outcome):
-                outcome = self._drain(ctx, outcome)
-            frames = protocol.encode_value_message(dict(base, kind=protocol.RESULT), "value",
-                                                   outcome)
-        except Cancelled as exc:
-            frames = protocol.encode(dict(base, kind=protocol.CANCELLED, message=exc.message))
-        except ModelhostError as exc:
-            frames = protocol.encode(dict(base, **protocol.error_header(
-                ctx.request_id, exc.code, exc.message, exc.details)))
-        except Exception as exc:
-            log.error("call %s %s raised %s: %s\n%s", ctx.request_id, ctx.method,
-                      type(exc).__name__, exc, traceback.format_exc())
-            frames = protocol.encode(dict(base, **protocol.error_header(
-                ctx.request_id, "engine_error",
-                "{} raised {}: {}".format(ctx.method, type(exc).__name__, exc),
-                {"type": type(exc).__name__})))
-        log.debug("call %s %s done in %.3fs", ctx.request_id, ctx.method,
-                  time.monotonic() - started)
-        self._push(_TAG_TERMINAL, frames)
-
-    @staticmethod
-    def _drain(ctx, generator):
-        while True:
-            ctx.check_cancelled()
-            try:
-                chunk = next(generator)
-            except StopIteration as stop:
-                return stop.value
-            ctx.partial(chunk)
-
-    # --- main thread ---------------------------------------------------------
-
-    def _send(self, header, payloads=()):
-        self.socket.send_multipart(protocol.encode(header, payloads), copy=False)
+    def _send(self, header):
+        self.control.send_multipart(protocol.encode(header), copy=False)
 
     def _register(self):
-        running = [{"id": ctx.request_id, "client": client, "method": ctx.method}
-                   for (client, _), ctx in self.running.items()]
+        with self.running_lock:
+            running = [{"id": ctx.request_id, "client": client, "method": ctx.method,
+                        "slot": ctx.slot} for (client, _), ctx in self.running.items()]
         self._send({
             "op": protocol.REGISTER,
             "name": self.name,
@@ -208,7 +287,7 @@ class Runtime(object):
             "python": "{}.{}.{}".format(*sys.version_info[:3]),
             "engine": self.spec.get("engine"),
             "methods": sorted(self.operations),
-            "concurrency": self.concurrency,
+            "slots": [slot.identity for slot in self.slots],
             "state": self.state,
             "error": self.error,
             "facts": self.facts,
@@ -217,42 +296,16 @@ class Runtime(object):
             "running": running,
         })
 
-    def _on_call(self, header, payloads):
-        request_id, client = header.get("id"), header.get("client")
-        base = {"id": request_id, "client": client}
-        method = self.operations.get(header.get("method"))
-        if self.state != protocol.DaemonState.READY:
-            self._reply_error(base, "daemon_unavailable", "daemon {} is {}{}".format(
-                self.name, self.state, ": " + self.error if self.error else ""))
-            return
-        if method is None:
-            self._reply_error(base, "unknown_method", "{} has no method {!r}; it offers: {}".format(
-                self.name, header.get("method"), ", ".join(sorted(self.operations))))
-            return
-        ctx = CallContext(request_id, header.get("method"), bool(header.get("stream")), None)
+    def _on_control(self, frames):
         try:
-            arguments = protocol.internalize(header.get("args") or {}, payloads)
-            check_arguments(method, ctx, arguments)
-        except ModelhostError as exc:
-            self._reply_error(base, exc.code, exc.message)
-            return
-        self.running[(client, request_id)] = ctx
-        self.work.put((ctx, client, method, arguments))
-
-    def _reply_error(self, base, code, message):
-        self._send(dict(base, **protocol.error_header(base["id"], code, message)))
-
-    def _on_broker(self, frames):
-        try:
-            header, payloads = protocol.decode(frames)
+            header, _ = protocol.decode(frames)
         except ModelhostError as exc:
             log.error("dropped a message from the broker: %s", exc)
             return
         op = header.get("op")
-        if op == protocol.CALL:
-            self._on_call(header, payloads)
-        elif op == protocol.CANCEL:
-            ctx = self.running.get((header.get("client"), header.get("id")))
+        if op == protocol.CANCEL:
+            with self.running_lock:
+                ctx = self.running.get((header.get("client"), header.get("id")))
             if ctx is not None:
                 ctx.cancel()
         elif op == protocol.REREGISTER:
@@ -261,21 +314,14 @@ class Runtime(object):
         elif op != protocol.HEARTBEAT:
             log.warning("ignored unknown command %r from the broker", op)
 
-    def _on_worker(self, frames):
-        tag, frames = frames[0].bytes, frames[1:]
-        if tag == _TAG_STATE:
-            update = protocol.decode_header(frames[0])
-            self.state = update["state"]
-            self.error = update.get("error")
-            self.facts = update.get("facts", self.facts)
-            log.info("state %s%s", self.state, ": " + self.error if self.error else "")
-            self._send({"op": protocol.STATE, "state": self.state, "error": self.error,
-                        "facts": self.facts, "loads": self.loads})
-            return
-        if tag == _TAG_TERMINAL:
-            header = protocol.decode_header(frames[0])
-            self.running.pop((header.get("client"), header.get("id")), None)
-        self.socket.send_multipart(frames, copy=False)
+    def _on_lifecycle(self, frame):
+        update = protocol.decode_header(frame)
+        self.state = update["state"]
+        self.error = update.get("error")
+        self.facts = update.get("facts", self.facts)
+        log.info("state %s%s", self.state, ": " + self.error if self.error else "")
+        self._send({"op": protocol.STATE, "state": self.state, "error": self.error,
+                    "facts": self.facts, "loads": self.loads})
 
     def _parent_gone(self):
         return self.parent_pid is not None and os.getppid() != self.parent_pid
@@ -284,22 +330,21 @@ class Runtime(object):
         """Serve until SIGTERM or until the supervising parent dies; returns the exit code."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
-        pull = self.context.socket(zmq.PULL)
-        pull.bind(_WORKER_ENDPOINT)
-        self.socket = self.context.socket(zmq.DEALER)
-        # An explicit identity lets a restarted broker route replies of calls
-        # that were running when the old one died.
-        self.socket.setsockopt(zmq.ROUTING_ID, "{}:{}".format(self.name, os.getpid()).encode())
-        self.socket.setsockopt(zmq.LINGER, 1000)
-        self.socket.connect(self.spec["backend"])
-        for _ in range(self.concurrency):
-            threading.Thread(target=self._worker, daemon=True).start()
+        lifecycle = self.context.socket(zmq.PULL)
+        lifecycle.bind(_LIFECYCLE_ENDPOINT)
+        self.control = self.context.socket(zmq.DEALER)
+        self.control.setsockopt(zmq.ROUTING_ID, _identity(self.name, "control"))
+        self.control.setsockopt(zmq.LINGER, 1000)
+        self.control.connect(self.spec["backend"])
+        for slot in self.slots:
+            slot.connect(self.context, self.spec["backend"])
+            slot.thread.start()
         if self.state == protocol.DaemonState.LOADING:
             threading.Thread(target=self._lifecycle, args=("load",), daemon=True).start()
 
         poller = zmq.Poller()
-        poller.register(self.socket, zmq.POLLIN)
-        poller.register(pull, zmq.POLLIN)
+        poller.register(self.control, zmq.POLLIN)
+        poller.register(lifecycle, zmq.POLLIN)
         self._register()
         broker_seen = time.monotonic()
         broker_lost = False
@@ -307,24 +352,19 @@ class Runtime(object):
         while not self.stopping:
             timeout_ms = max(0, (next_heartbeat - time.monotonic()) * 1000)
             events = dict(poller.poll(timeout_ms))
-            if pull in events:
-                # Drain what workers produced before reading new calls.
+            if lifecycle in events:
+                self._on_lifecycle(lifecycle.recv())
+            if self.control in events:
                 while True:
                     try:
-                        self._on_worker(pull.recv_multipart(zmq.NOBLOCK, copy=False))
-                    except zmq.Again:
-                        break
-            if self.socket in events:
-                while True:
-                    try:
-                        frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                        frames = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
                     broker_seen = time.monotonic()
                     if broker_lost:
                         log.info("the broker is back")
                         broker_lost = False
-                    self._on_broker(frames)
+                    self._on_control(frames)
             now = time.monotonic()
             if now >= next_heartbeat:
                 next_heartbeat = now + self.heartbeat_s
@@ -342,8 +382,10 @@ class Runtime(object):
                     self._register()
                     broker_seen = now
                 else:
+                    with self.running_lock:
+                        running = len(self.running)
                     self._send({"op": protocol.HEARTBEAT, "state": self.state,
-                                "running": len(self.running)})
+                                "running": running})
         self._shutdown()
         return 0
 
@@ -351,10 +393,12 @@ class Runtime(object):
         self.stopping = True
 
     def _shutdown(self):
-        for ctx in self.running.values():
-            ctx.cancel()
-        for _ in range(self.concurrency):
-            self.work.put(None)
+        self.stopping = True
+        with self.running_lock:
+            for ctx in self.running.values():
+                ctx.cancel()
+        for slot in self.slots:
+            slot.thread.join(2.0)
         if self.engine is not None and self.state == protocol.DaemonState.READY:
             try:
                 self.engine.unload()

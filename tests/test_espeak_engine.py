@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-pytest.importorskip("espeakng_loader")
+import espeakng_loader  # noqa: E402,F401 (installed by tests/run: a missing one must fail, not skip)
 
 from modelhost.daemons.engine import CallContext, operations_of  # noqa: E402
 from modelhost.daemons.espeak.engine import EspeakEngine  # noqa: E402

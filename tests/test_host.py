@@ -351,3 +351,40 @@ def test_broker_refuses_a_bad_configuration(tmp_path):
     assert result.returncode == 2
     assert "bad.yaml:4" in result.stderr and "bad.yaml:5" in result.stderr
     assert "concurrency" in result.stderr  # the suggestion for the typo
+
+
+def test_the_client_runs_on_python_37_with_pyzmq_and_msgpack(probe_host, test_venvs):
+    script = ("import modelhost, sys\n"
+              "c = modelhost.Client(sys.argv[1])\n"
+              "s = c.stream('probe', 'count', n=3, size=2)\n"
+              "print(sys.version_info[:2], c.call('probe', 'add', a=2, b=3), "
+              "[x['blob'] for x in s], s.result)\n")
+    python = str(test_venvs["py37"] / "bin" / "python")
+    out = subprocess.run([python, "-c", script, probe_host.endpoint], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("(3, 7) 5 [b'\\x00\\x00', b'\\x01\\x01', b'\\x02\\x02'] "
+                                  "{'sent': 3}")
+
+
+def test_a_daemon_not_ready_within_its_window_is_killed_and_retried(make_host):
+    slow = daemon_yaml("slow", ready_timeout_s=1, options="{load_seconds: 30}")
+    host = make_host([slow]).start()
+
+    def row(status):
+        return status["daemons"][0]
+
+    host.wait_for(lambda s: row(s)["restarts"] >= 1, 30, "the slow daemon to be restarted")
+    assert "not ready after 1s" in host.log()
+    assert row(host.ps())["state"] in ("starting", "loading", "failed")
+
+
+def test_a_frame_over_the_hard_limit_is_dropped_and_the_caller_learns_it_was_lost(make_host):
+    host = make_host([daemon_yaml("probe")], {"max_payload": "1MiB"}).start()
+    host.wait_ready("probe")
+    client = host.client(broker_timeout=30)
+    # Over the broker's per-frame cap (max_payload + 1 MiB): ZeroMQ drops the
+    # connection, no reply is possible, and the client's pings reveal the loss.
+    with pytest.raises(modelhost.RequestLost, match="no record of request"):
+        client.call("probe", "echo", data=b"\0" * (3 * 2**20), timeout=20)
+    assert client.call("probe", "add", a=1) == 1
