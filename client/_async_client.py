@@ -33,6 +33,9 @@ class AsyncClient(object):
         self._state = ClientState.OPEN
         self._next_id = 0
         self._queues = {}  # request id -> asyncio.Queue of (header, payloads)
+        # Requests whose message has left: only these may be asked about in a
+        # ping (a request still being sent is unknown to the broker for now).
+        self._sent = set()
         self._reader = None
         self._last_heard = time.monotonic()
 
@@ -63,12 +66,14 @@ class AsyncClient(object):
         queue = self._open(request_id)
         try:
             await self._socket.send_multipart(m.control_frames(protocol.PS, request_id))
+            self._sent.add(request_id)
             header, payloads = await asyncio.wait_for(queue.get(), timeout)
         except asyncio.TimeoutError:
             raise BrokerUnavailable("no answer from the broker at {} within {:.0f}s".format(
                 self.endpoint, timeout))
         finally:
             self._queues.pop(request_id, None)
+            self._sent.discard(request_id)
         if header["kind"] != protocol.RESULT:
             m.raise_for(header)
         return m.reply_value(header, payloads)
@@ -115,6 +120,7 @@ class AsyncClient(object):
             await self._socket.send_multipart(
                 m.call_frames(request_id, model, method, args, timeout, priority, stream),
                 copy=False)
+            self._sent.add(request_id)
             while True:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
@@ -132,6 +138,7 @@ class AsyncClient(object):
                     return
         finally:
             self._queues.pop(request_id, None)
+            self._sent.discard(request_id)
             if not finished and self._state is ClientState.OPEN:
                 # Cancelled task, timeout, or an abandoned stream: stop the remote work.
                 await self.cancel(request_id)
@@ -139,22 +146,19 @@ class AsyncClient(object):
     async def _read(self):
         """Route replies to their request's queue; ping while requests are outstanding."""
         last_ping = 0.0
+        pings = self._pings = m.Pings()
         try:
             while self._queues:
                 if await self._socket.poll(protocol.HEARTBEAT_S * 1000, zmq.POLLIN):
-                    while True:
-                        try:
-                            frames = await self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
+                    while self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        frames = await self._socket.recv_multipart(copy=False)
                         self._last_heard = time.monotonic()
                         self._route(*protocol.decode(frames))
                 if time.monotonic() - last_ping >= protocol.HEARTBEAT_S:
                     # Pings keep this client alive in the broker's eyes and
                     # reveal requests that a restarted broker no longer knows.
                     last_ping = time.monotonic()
-                    await self._socket.send_multipart(m.control_frames(
-                        protocol.PING, "ping", ids=sorted(self._queues, key=str)))
+                    await self._socket.send_multipart(pings.frames(self._sent))
                     silent = time.monotonic() - self._last_heard
                     if silent > self.broker_timeout:
                         error = protocol.error_header(
@@ -168,11 +172,10 @@ class AsyncClient(object):
 
     def _route(self, header, payloads):
         if header.get("kind") == protocol.PONG:
-            if header.get("uptime_s", 0.0) >= m.REREGISTER_GRACE_S:
-                known = set(header.get("known") or [])
-                for request_id, queue in self._queues.items():
-                    if request_id not in known and queue.empty():
-                        queue.put_nowait((m.lost_reply(request_id), []))
+            for request_id in self._pings.lost(header):
+                queue = self._queues.get(request_id)
+                if queue is not None and queue.empty():
+                    queue.put_nowait((m.lost_reply(request_id), []))
             return
         queue = self._queues.get(header.get("id"))
         if queue is not None:

@@ -90,6 +90,9 @@ class Client(object):
         self._outstanding = set()
         self._last_heard = time.monotonic()
         self._last_ping = 0.0
+        self._pings = m.Pings()
+        self._poller = zmq.Poller()
+        self._poller.register(self._socket, zmq.POLLIN)
 
     # --- public -------------------------------------------------------------
 
@@ -151,7 +154,8 @@ class Client(object):
         return self._next_id
 
     def _send(self, frames):
-        self._socket.send_multipart(frames, copy=False)
+        # Zero-copy only pays for payload frames; a lone header is cheaper copied.
+        self._socket.send_multipart(frames, copy=len(frames) == 1)
 
     def _start(self, model, method, timeout, on_progress, priority, args, stream):
         if timeout is m.NOT_SET:
@@ -201,19 +205,18 @@ class Client(object):
             # Pings keep this client alive in the broker's eyes while it waits
             # and reveal a request that a restarted broker no longer knows.
             self._last_ping = now
-            self._send(m.control_frames(protocol.PING, "ping", ids=sorted(self._outstanding)))
+            self._send(self._pings.frames(self._outstanding))
         wait = protocol.HEARTBEAT_S
         if deadline is not None:
             wait = min(wait, max(0.0, deadline + grace - now))
-        if self._socket.poll(wait * 1000, zmq.POLLIN):
+        if self._poller.poll(wait * 1000):
             self._drain()
 
     def _drain(self):
-        while True:
-            try:
-                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        # EVENTS instead of catching zmq.Again: an exception per wakeup costs
+        # more than a small call's whole client-side work.
+        while self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            frames = self._socket.recv_multipart(copy=False)
             self._last_heard = time.monotonic()
             header, payloads = protocol.decode(frames)
             if header.get("kind") == protocol.PONG:
@@ -222,11 +225,8 @@ class Client(object):
                 self._mailbox[header["id"]].append((header, payloads))
 
     def _on_pong(self, header):
-        if header.get("uptime_s", 0.0) < m.REREGISTER_GRACE_S:
-            return
-        known = set(header.get("known") or [])
-        for request_id in list(self._outstanding):
-            if request_id not in known and not self._mailbox.get(request_id):
+        for request_id in self._pings.lost(header):
+            if request_id in self._outstanding and not self._mailbox.get(request_id):
                 self._mailbox[request_id].append((m.lost_reply(request_id), []))
 
     def _cancel_after_interrupt(self, request_id):
@@ -239,7 +239,7 @@ class Client(object):
                 box = self._mailbox.get(request_id)
                 if box and box[-1][0]["kind"] in protocol.TERMINAL_KINDS:
                     break
-                if self._socket.poll(100, zmq.POLLIN):
+                if self._poller.poll(100):
                     self._drain()
         finally:
             self._forget(request_id)

@@ -1,5 +1,6 @@
 """What the blocking and the asyncio client share: building calls, reading replies."""
 
+import collections
 import os
 import uuid
 
@@ -81,3 +82,34 @@ class Progress(object):
 
 def progress_of(header):
     return Progress(header.get("fraction"), header.get("stage"), header.get("message"))
+
+
+class Pings(object):
+    """Pings that keep a client alive in the broker's eyes and find requests it lost.
+
+    Each ping has its own id and remembers which requests it asked about: a
+    pong only judges those, never a request sent after its ping.
+    """
+
+    def __init__(self):
+        self._asked = collections.OrderedDict()  # ping id -> request ids it asked about
+        self._seq = 0
+
+    def frames(self, request_ids):
+        self._seq += 1
+        ping_id = "ping-{}".format(self._seq)
+        self._asked[ping_id] = set(request_ids)
+        return control_frames(protocol.PING, ping_id, ids=sorted(request_ids, key=str))
+
+    def lost(self, pong):
+        """Request ids this pong says the broker does not know."""
+        asked = set()
+        # Pongs come back in order: older unanswered pings will never be.
+        while self._asked:
+            ping_id, ids = self._asked.popitem(last=False)
+            if ping_id == pong.get("id"):
+                asked = ids
+                break
+        if pong.get("uptime_s", 0.0) < REREGISTER_GRACE_S:
+            return set()
+        return asked - set(pong.get("known") or [])

@@ -119,10 +119,6 @@ class Slot(object):
         self.socket.setsockopt(zmq.LINGER, 1000)
         self.socket.connect(endpoint)
 
-    def send(self, frames):
-        with self.lock:
-            self.socket.send_multipart(frames, copy=False)
-
     def serve(self):
         runtime = self.runtime
         poller = zmq.Poller()
@@ -163,7 +159,7 @@ class Slot(object):
             with self.lock:
                 # An engine thread that outlives its call must not speak for it.
                 if not finished[0]:
-                    self.socket.send_multipart(frames, copy=False)
+                    self.socket.send_multipart(frames, copy=len(frames) == 1)
 
         ctx._send = send
         ctx.slot = self.index
@@ -177,7 +173,7 @@ class Slot(object):
                 runtime.running.pop(key, None)
         with self.lock:
             finished[0] = True
-            self.socket.send_multipart(frames, copy=False)
+            self.socket.send_multipart(frames, copy=len(frames) == 1)
 
     def _outcome(self, ctx, header, payloads, base):
         """The terminal reply's frames; engine exceptions never escape."""
@@ -355,11 +351,8 @@ class Runtime(object):
             if lifecycle in events:
                 self._on_lifecycle(lifecycle.recv())
             if self.control in events:
-                while True:
-                    try:
-                        frames = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
+                while self.control.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    frames = self.control.recv_multipart(copy=False)
                     broker_seen = time.monotonic()
                     if broker_lost:
                         log.info("the broker is back")
