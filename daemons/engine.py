@@ -12,7 +12,14 @@ An engine is a class built with its configured options as keyword arguments
   chunk, and the generator's return value is the result.
 
 The runtime owns sockets, heartbeats, cancellation and error replies; engine
-code holds no socket code. Raise `BadArguments` for bad input (the client gets
+code holds no socket code.
+
+Threads: load() and unload() run on a lifecycle thread, each operation on
+the thread of the slot that received it (one per `concurrency`). Settings
+that a library keeps per thread (torch.set_num_threads on some builds,
+torch.cuda.set_device, CUDA streams) belong in the operation itself or in the
+daemon's environment (`env:` in the config, e.g. OMP_NUM_THREADS), not only
+in load(). Raise `BadArguments` for bad input (the client gets
 `bad_arguments`); any other exception becomes an `engine_error` reply and the
 daemon keeps serving.
 """

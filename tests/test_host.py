@@ -66,7 +66,7 @@ def test_kill_9_during_a_call_gives_daemon_crashed_and_the_daemon_comes_back(pro
     os.kill(pid, signal.SIGKILL)
     caller.join(15)
     assert isinstance(outcome.get("error"), modelhost.DaemonCrashed), outcome
-    status = probe_host.wait_for(
+    probe_host.wait_for(
         lambda s: s["daemons"][0]["state"] == "ready" and s["daemons"][0]["pid"] != pid
         and s["daemons"][0]["restarts"] == 1, 30, "the daemon to be restarted")
     fresh = probe_host.client()
