@@ -6,6 +6,8 @@
 import argparse
 import sys
 
+import zmq
+
 from modelhost import protocol
 
 from .broker import Broker
@@ -25,7 +27,12 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     protocol.configure_logging("broker", config.broker.log_level)
-    return Broker(config, parent_pid=args.parent_pid).run()
+    try:
+        broker = Broker(config, parent_pid=args.parent_pid)
+    except (OSError, zmq.ZMQError) as exc:
+        print("modelhost broker: cannot listen: {}".format(exc), file=sys.stderr)
+        return 2
+    return broker.run()
 
 
 if __name__ == "__main__":

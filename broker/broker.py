@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import time
 import uuid
 
@@ -34,8 +35,30 @@ def prepare_ipc(endpoint: str) -> None:
     path = endpoint[len("ipc://"):]
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o700, exist_ok=True)
+    # A directory in a shared place (/tmp) that someone else made first would
+    # let them swap our sockets: refuse it rather than serve through it.
+    info = os.stat(directory)
+    if info.st_uid != os.getuid():
+        raise PermissionError("{} belongs to uid {}, not to this user ({}); remove it or set "
+                              "runtime_dir".format(directory, info.st_uid, os.getuid()))
+    if info.st_mode & 0o022:
+        os.chmod(directory, info.st_mode & ~0o022 & 0o7777)
     if os.path.exists(path):
-        os.unlink(path)
+        if _listening(path):
+            raise OSError("another broker is already serving at {}; stop it first or "
+                          "configure another runtime_dir".format(endpoint))
+        os.unlink(path)  # a stale file from a broker that died
+
+
+def _listening(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 class Broker:
@@ -68,19 +91,19 @@ class Broker:
         self.stopping = False
 
     def _router(self, endpoint: str) -> zmq.Socket:
-        socket = self.context.socket(zmq.ROUTER)
+        router = self.context.socket(zmq.ROUTER)
         # A peer that reconnects with its identity takes over its old route.
-        socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         # Never drop a reply because a peer is slow to read: a lost terminal
         # reply would break the one-terminal-reply contract.
-        socket.setsockopt(zmq.SNDHWM, 0)
-        socket.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.SNDHWM, 0)
+        router.setsockopt(zmq.LINGER, 0)
         # A hard cap per frame; the per-daemon limit is checked softly with an
         # error reply, this one protects the broker's memory.
-        socket.setsockopt(zmq.MAXMSGSIZE, self.config.broker.max_payload_bytes + 2**20)
+        router.setsockopt(zmq.MAXMSGSIZE, self.config.broker.max_payload_bytes + 2**20)
         prepare_ipc(endpoint)
-        socket.bind(endpoint)
-        return socket
+        router.bind(endpoint)
+        return router
 
     # --- effects (called by the scheduler) ----------------------------------
 

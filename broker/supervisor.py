@@ -39,9 +39,12 @@ log = logging.getLogger("modelhost.supervisor")
 
 TICK_S = 0.25
 BROKER = "broker"
+# The broker's exit status when it cannot start at all (python -m modelhost.broker).
+EXIT_CANNOT_START = 2
 
 
 class ProcessStatus(enum.Enum):
+    PENDING = "pending"  # waits for the broker to answer before its first start
     STARTING = "starting"  # running, not yet reported ready by the broker
     RUNNING = "running"  # running and ready (or failed to load, which is final until reloaded)
     BACKOFF = "backoff"  # exited; waiting out the backoff before the next start
@@ -89,6 +92,7 @@ class Supervisor:
         self.selector = selectors.DefaultSelector()
         self.children: dict[str, Child] = {}
         self.stopping = False
+        self.exit_code = 0
         self.announced_up = False
         self.context = zmq.Context()
         self.link = None  # DEALER to the broker's frontend
@@ -167,10 +171,18 @@ class Supervisor:
             child.partial_line = b""
         self.selector.unregister(child.process.stdout)
         child.process.stdout.close()
-        how = describe_exit(child.process.returncode)
+        code = child.process.returncode
+        how = describe_exit(code)
         child.process = None
         if self.stopping:
             child.status = ProcessStatus.STOPPED
+            return
+        if child.name == BROKER and code == EXIT_CANNOT_START:
+            # A bad configuration or a taken endpoint: restarting cannot help.
+            log.error("the broker cannot start (see above); stopping")
+            child.status = ProcessStatus.STOPPED
+            self.stopping = True
+            self.exit_code = EXIT_CANNOT_START
             return
         if not child.ever_ready:
             child.error = "{} before it became ready; its last output:\n{}".format(
@@ -220,6 +232,13 @@ class Supervisor:
                 continue
             if header.get("kind") == protocol.RESULT:
                 self.states = {row["name"]: row for row in header["value"]["daemons"]}
+                broker = self.children[BROKER]
+                if broker.process is not None and broker.status is ProcessStatus.STARTING:
+                    broker.status = ProcessStatus.RUNNING
+                    broker.ever_ready = True
+                for child in self.children.values():
+                    if child.status is ProcessStatus.PENDING:
+                        self.start(child)
                 self._note_readiness()
         now = time.monotonic()
         if now - self.link_sent_at >= 0.5:
@@ -265,10 +284,10 @@ class Supervisor:
         now = time.monotonic()
         for child in self.children.values():
             self._reap(child)
-            if child.process is None and child.status is not ProcessStatus.STOPPED \
+            if child.process is None and child.status in (ProcessStatus.BACKOFF,
+                                                          ProcessStatus.FAILED) \
                     and now >= child.next_start_at:
-                if child.status in (ProcessStatus.BACKOFF, ProcessStatus.FAILED):
-                    child.restarts += 1
+                child.restarts += 1
                 self.start(child)
             elif (child.status is ProcessStatus.STARTING and child.name != BROKER
                   and now - child.started_at > child.ready_timeout_s):
@@ -276,24 +295,23 @@ class Supervisor:
                           "last output:\n%s", child.name, child.ready_timeout_s,
                           "\n".join(list(child.tail)[-15:]) or "(none)")
                 self._kill_group(child, signal.SIGKILL)
-        broker = self.children[BROKER]
-        if broker.status is ProcessStatus.STARTING and broker.process is not None \
-                and now - broker.started_at > 0.5:
-            broker.status = ProcessStatus.RUNNING
-            broker.ever_ready = True
         self._talk_to_broker()
 
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, lambda *_: setattr(self, "stopping", True))
-        for child in self.children.values():
-            self.start(child)
+        # Daemons start once the broker answers: a broker that cannot start
+        # (a taken endpoint) must not leave daemons talking to another one.
+        self.start(self.children[BROKER])
+        for name, child in self.children.items():
+            if name != BROKER:
+                child.status = ProcessStatus.PENDING
         while not self.stopping:
             for key, _ in self.selector.select(TICK_S):
                 self._relay(key.data)
             self.tick()
         self.stop()
-        return 0
+        return self.exit_code
 
     def stop(self) -> None:
         """Daemons first (SIGTERM, then SIGKILL of the group), the broker last."""

@@ -388,3 +388,12 @@ def test_a_frame_over_the_hard_limit_is_dropped_and_the_caller_learns_it_was_los
     with pytest.raises(modelhost.RequestLost, match="no record of request"):
         client.call("probe", "echo", data=b"\0" * (3 * 2**20), timeout=20)
     assert client.call("probe", "add", a=1) == 1
+
+
+def test_a_second_up_on_the_same_endpoint_refuses_to_start(probe_host):
+    second = subprocess.run(
+        [sys.executable, "-m", "modelhost.cli", "up", "--config", str(probe_host.config),
+         "--no-setup"], capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2
+    assert "another broker is already serving" in second.stderr
+    assert probe_host.client().call("probe", "add", a=1) == 1
