@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 import heapq
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -29,6 +29,8 @@ log = logging.getLogger("modelhost.broker")
 RequestKey = tuple[bytes, Any]  # (client identity, request id)
 
 DISPATCH_RETRY_S = 0.05
+# How many calls answered `daemon_crashed` are remembered, to drop late replies.
+ABANDONED_REMEMBERED = 4096
 
 
 class RequestState(enum.Enum):
@@ -119,7 +121,12 @@ class Scheduler:
         # client identity -> last time it said anything; a silent client's
         # queued work is dropped so nobody computes for a dead process.
         self.clients: dict[bytes, float] = {}
-        self._deadlines: list[tuple[float, int, RequestKey]] = []
+        # (deadline, tie-breaker, request): the request itself, so a deadline
+        # can never hit a later request that reuses a finished one's id.
+        self._deadlines: list[tuple[float, int, Request]] = []
+        # Calls answered `daemon_crashed` whose daemon may only have been
+        # silent: a late word from it must not become a second terminal reply.
+        self._abandoned: OrderedDict[RequestKey, None] = OrderedDict()
         self._deadline_seq = 0
 
     # --- client events -------------------------------------------------------
@@ -166,7 +173,7 @@ class Scheduler:
         daemon.queues[request.priority].append(request)
         if request.deadline is not None:
             self._deadline_seq += 1
-            heapq.heappush(self._deadlines, (request.deadline, self._deadline_seq, request.key))
+            heapq.heappush(self._deadlines, (request.deadline, self._deadline_seq, request))
         self._pump(daemon)
 
     def on_cancel(self, client: bytes, request_id: Any) -> None:
@@ -228,6 +235,8 @@ class Scheduler:
         """A daemon's reply for a call; True when it should be forwarded to the client."""
         request = self.requests.get((client, request_id))
         if request is None:
+            if (client, request_id) in self._abandoned:
+                return False  # its caller already has `daemon_crashed`
             # Unknown here (this broker restarted mid-call): the daemon's word
             # is the only copy of the answer, so pass it on.
             return True
@@ -288,11 +297,9 @@ class Scheduler:
     def on_tick(self) -> None:
         now = self.clock()
         while self._deadlines and self._deadlines[0][0] <= now:
-            _, _, key = heapq.heappop(self._deadlines)
-            request = self.requests.get(key)
-            if request is None or request.state is RequestState.ANSWERED:
-                continue
-            self._expire(request)
+            entry = heapq.heappop(self._deadlines)
+            if not self._stale_deadline(entry):
+                self._expire(entry[2])
         for daemon in self.daemons.values():
             if daemon.identity is not None and now - daemon.last_seen > self.daemon_expiry_s:
                 self.on_daemon_lost(daemon.name, "no heartbeat for {:.1f}s".format(
@@ -348,12 +355,17 @@ class Scheduler:
     def _adopt(self, daemon: Daemon, call: dict) -> None:
         """A call still running in a daemon that registers with a restarted broker."""
         key = (call.get("client"), call.get("id"))
-        if key in self.requests or not isinstance(key[0], bytes):
+        if key in self.requests or key in self._abandoned or not isinstance(key[0], bytes):
             return
+        slot = call.get("slot")
+        busy = {r.slot for r in daemon.running.values()}
+        if not isinstance(slot, int) or slot in busy:
+            # A register that does not say which slot: take the first free one
+            # so the call still counts against the concurrency limit.
+            slot = next((i for i in range(len(daemon.slots)) if i not in busy), None)
         request = Request(client=key[0], id=key[1], model=daemon.name,
                           method=call.get("method") or "?", forward={}, payloads=[],
-                          state=RequestState.RUNNING, enqueued_at=self.clock(),
-                          slot=call.get("slot"))
+                          state=RequestState.RUNNING, enqueued_at=self.clock(), slot=slot)
         self.requests[key] = request
         daemon.running[key] = request
 
@@ -403,8 +415,9 @@ class Scheduler:
         message = "the call did not finish within its timeout"
         if request.state is RequestState.QUEUED:
             self._unqueue(daemon, request)
-            self.effects.reply_error(request, "timeout", message + " (it was still queued "
-                                     "behind {} other calls)".format(daemon.queued()))
+            self.effects.reply_error(request, "timeout", message + " (it was still queued; "
+                                     "{} has {} running and {} queued)".format(
+                                         daemon.name, len(daemon.running), daemon.queued()))
             return
         request.state = RequestState.ANSWERED
         self.effects.reply_error(request, "timeout", message + "; the daemon was told to "
@@ -416,6 +429,9 @@ class Scheduler:
             if request.state is RequestState.RUNNING:
                 self.effects.reply_error(request, "daemon_crashed", message)
             self._finish(request)
+            self._abandoned[request.key] = None
+            while len(self._abandoned) > ABANDONED_REMEMBERED:
+                self._abandoned.popitem(last=False)
 
     def _fail_queued(self, daemon: Daemon, code: str, message: str) -> None:
         for queue in daemon.queues.values():
@@ -437,6 +453,7 @@ class Scheduler:
                 request.state = RequestState.ANSWERED
                 self.effects.cancel_remote(daemon, request)
 
-    def _stale_deadline(self, entry: tuple[float, int, RequestKey]) -> bool:
-        request = self.requests.get(entry[2])
-        return request is None or request.state is RequestState.ANSWERED
+    def _stale_deadline(self, entry: tuple[float, int, Request]) -> bool:
+        request = entry[2]
+        return (self.requests.get(request.key) is not request
+                or request.state is RequestState.ANSWERED)

@@ -83,10 +83,22 @@ _EXT_ARRAY = 2  # data: msgpack [frame index, numpy dtype str, shape]
 _BINARY_TYPES = (bytes, bytearray, memoryview)
 
 
-def _is_ndarray(value):
-    # Checked by name so the broker and numpy-less daemons never import numpy.
-    cls = type(value)
-    return cls.__name__ == "ndarray" and cls.__module__ == "numpy"
+def _numpy():
+    # Only a numpy that someone already imported: a value cannot be an array
+    # otherwise, and the broker and numpy-less daemons never import it.
+    return sys.modules.get("numpy")
+
+
+def _dtype_to_wire(dtype):
+    # Structured dtypes need their fields; dtype.str would flatten them to |V<n>.
+    return dtype.descr if dtype.fields is not None else dtype.str
+
+
+def _dtype_from_wire(numpy, spec):
+    if isinstance(spec, list):
+        spec = [tuple(tuple(part) if isinstance(part, list) else part for part in field)
+                for field in spec]
+    return numpy.dtype(spec)
 
 
 def externalize(value, frames):
@@ -94,19 +106,23 @@ def externalize(value, frames):
     if isinstance(value, _BINARY_TYPES):
         frames.append(value)
         return msgpack.ExtType(_EXT_BYTES, msgpack.packb(len(frames) - 1))
-    if _is_ndarray(value):
-        if value.dtype.hasobject:
-            raise TypeError("arrays of Python objects cannot be sent; use a numeric dtype")
-        import numpy
-
-        contiguous = numpy.ascontiguousarray(value)
-        frames.append(memoryview(contiguous).cast("B") if contiguous.size else b"")
-        meta = [len(frames) - 1, contiguous.dtype.str, list(contiguous.shape)]
-        return msgpack.ExtType(_EXT_ARRAY, msgpack.packb(meta))
     if isinstance(value, dict):
         return {key: externalize(item, frames) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [externalize(item, frames) for item in value]
+    numpy = _numpy()
+    if numpy is not None:
+        if isinstance(value, numpy.ndarray):
+            if value.dtype.hasobject:
+                raise TypeError("arrays of Python objects cannot be sent; use a numeric dtype")
+            # A flat uint8 view carries any dtype (datetime64, structured, ...)
+            # as raw bytes, without a copy when the array is contiguous.
+            data = numpy.ascontiguousarray(value).reshape(-1).view(numpy.uint8)
+            frames.append(memoryview(data) if data.size else b"")
+            meta = [len(frames) - 1, _dtype_to_wire(value.dtype), list(value.shape)]
+            return msgpack.ExtType(_EXT_ARRAY, msgpack.packb(meta))
+        if isinstance(value, numpy.generic):
+            return value.item()  # numpy scalars travel as plain msgpack values
     return value
 
 
@@ -152,7 +168,7 @@ def _resolve(ext, frames):
             return {"dtype": dtype, "shape": shape, "data": bytes(_buffer(frame))}
         try:
             # Zero-copy view on the received frame (read-only).
-            array = numpy.frombuffer(_buffer(frame), dtype=numpy.dtype(dtype))
+            array = numpy.frombuffer(_buffer(frame), dtype=_dtype_from_wire(numpy, dtype))
             return array.reshape(shape)
         except (TypeError, ValueError) as exc:
             raise BadMessage("array payload does not match its dtype {} and shape {}: {}"

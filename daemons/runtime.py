@@ -47,6 +47,8 @@ _CHECKED_TYPES = (int, float, str, bool, bytes, list, dict)
 def import_engine(path):
     """The engine class named 'package.module:Class'."""
     module_name, _, class_name = path.partition(":")
+    if not class_name:
+        raise ImportError("engine {!r} must name a class as 'package.module:Class'".format(path))
     module = importlib.import_module(module_name)
     try:
         return getattr(module, class_name)
@@ -55,6 +57,8 @@ def import_engine(path):
 
 
 _SIGNATURES = {}  # operation function -> (signature, {argument: checked type})
+# Under `from __future__ import annotations` an annotation is its source text.
+_CHECKED_BY_NAME = {cls.__name__: cls for cls in _CHECKED_TYPES}
 
 
 def _signature_of(method):
@@ -63,8 +67,13 @@ def _signature_of(method):
     cached = _SIGNATURES.get(function)
     if cached is None:
         signature = inspect.signature(method)
-        checked = {name: parameter.annotation for name, parameter in signature.parameters.items()
-                   if parameter.annotation in _CHECKED_TYPES}
+        checked = {}
+        for name, parameter in signature.parameters.items():
+            annotation = parameter.annotation
+            if isinstance(annotation, str):
+                annotation = _CHECKED_BY_NAME.get(annotation)
+            if annotation in _CHECKED_TYPES:
+                checked[name] = annotation
         cached = _SIGNATURES[function] = (signature, checked)
     return cached
 
