@@ -344,17 +344,18 @@ class Broker:
             self.on_pid_exit(source)
             return
         handler = self.on_frontend if source is self.frontend else self.on_backend
-        # Bounded, so neither side can starve the other. EVENTS rather than
-        # catching zmq.Again: an exception per wakeup is a measurable cost.
+        # The poll said readable, so the first receive cannot block; then EVENTS
+        # rather than catching zmq.Again (an exception per wakeup is a
+        # measurable cost). Bounded, so neither side can starve the other.
         for _ in range(1000):
-            if not source.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                return
             frames = source.recv_multipart(copy=False)
             try:
                 handler(frames)
             except Exception:
                 # The broker never dies on input; this is a bug to report.
                 log.exception("internal error while handling a message; dropped")
+            if not source.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return
 
     def _heartbeat(self) -> None:
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
