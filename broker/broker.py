@@ -78,7 +78,10 @@ class Broker:
                                    daemon_expiry_s=broker.heartbeat_s * broker.liveness,
                                    client_expiry_s=broker.client_liveness_s)
         self.context = zmq.Context()
-        self.frontend = self._router(broker.frontend)
+        # A hard cap per frame from clients; the per-daemon limit is checked
+        # softly with an error reply, this one protects the broker's memory.
+        # Daemons are trusted and may answer with more (a rendered video).
+        self.frontend = self._router(broker.frontend, max_frame=broker.max_payload_bytes + 2**20)
         self.backend = self._router(broker.backend)
         # Sending to a daemon socket that is not connected raises instead of
         # vanishing, so a call is never lost to a slot that is reconnecting.
@@ -90,7 +93,7 @@ class Broker:
         self.pidfds: dict[int, str] = {}  # fd -> daemon name
         self.stopping = False
 
-    def _router(self, endpoint: str) -> zmq.Socket:
+    def _router(self, endpoint: str, max_frame: int | None = None) -> zmq.Socket:
         router = self.context.socket(zmq.ROUTER)
         # A peer that reconnects with its identity takes over its old route.
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -98,9 +101,8 @@ class Broker:
         # reply would break the one-terminal-reply contract.
         router.setsockopt(zmq.SNDHWM, 0)
         router.setsockopt(zmq.LINGER, 0)
-        # A hard cap per frame; the per-daemon limit is checked softly with an
-        # error reply, this one protects the broker's memory.
-        router.setsockopt(zmq.MAXMSGSIZE, self.config.broker.max_payload_bytes + 2**20)
+        if max_frame is not None:
+            router.setsockopt(zmq.MAXMSGSIZE, max_frame)
         prepare_ipc(endpoint)
         router.bind(endpoint)
         return router
