@@ -388,6 +388,9 @@ def test_a_frame_over_the_hard_limit_is_dropped_and_the_caller_learns_it_was_los
     with pytest.raises(modelhost.RequestLost, match="no record of request"):
         client.call("probe", "echo", data=b"\0" * (3 * 2**20), timeout=20)
     assert client.call("probe", "add", a=1) == 1
+    # The cap is for what clients send: a daemon may answer with more.
+    chunks = list(client.stream("probe", "count", n=2, size=3 * 2**20))
+    assert [len(c["blob"]) for c in chunks] == [3 * 2**20] * 2
 
 
 def test_a_second_up_on_the_same_endpoint_refuses_to_start(probe_host):
