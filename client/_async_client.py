@@ -103,9 +103,12 @@ class AsyncClient(object):
         return self._next_id
 
     def _open(self, request_id):
+        if not self._queues:
+            # The broker's silence counts from now: an idle client hears nothing
+            # and must not take that for a dead broker.
+            self._last_heard = time.monotonic()
         queue = self._queues[request_id] = asyncio.Queue()
         if self._reader is None or self._reader.done():
-            self._last_heard = time.monotonic()
             self._reader = asyncio.ensure_future(self._read())
         return queue
 

@@ -120,6 +120,7 @@ class Client(object):
     def ps(self, timeout=5.0):
         """The broker's status: {"broker": {...}, "daemons": [{name, state, pid, ...}]}."""
         request_id = self._new_id()
+        self._expect(request_id)
         self._send(m.control_frames(protocol.PS, request_id))
         for header, payloads in self._replies(request_id, time.monotonic() + timeout,
                                               grace=0.0):
@@ -157,12 +158,19 @@ class Client(object):
         # Zero-copy only pays for payload frames; a lone header is cheaper copied.
         self._socket.send_multipart(frames, copy=len(frames) == 1)
 
+    def _expect(self, request_id):
+        if not self._outstanding:
+            # The broker's silence counts from now: an idle client hears nothing
+            # and must not take that for a dead broker.
+            self._last_heard = time.monotonic()
+        self._outstanding.add(request_id)
+
     def _start(self, model, method, timeout, on_progress, priority, args, stream):
         if timeout is m.NOT_SET:
             timeout = self.timeout
         request_id = self._new_id()
+        self._expect(request_id)
         self._send(m.call_frames(request_id, model, method, args, timeout, priority, stream))
-        self._outstanding.add(request_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         return Stream(self, request_id, deadline, on_progress)
 
@@ -172,7 +180,6 @@ class Client(object):
 
     def _replies(self, request_id, deadline, grace=m.TIMEOUT_GRACE_S):
         """Yield (header, payloads) for request_id until its terminal reply."""
-        self._outstanding.add(request_id)
         try:
             while True:
                 box = self._mailbox.get(request_id)

@@ -400,3 +400,20 @@ def test_a_second_up_on_the_same_endpoint_refuses_to_start(probe_host):
     assert second.returncode == 2
     assert "another broker is already serving" in second.stderr
     assert probe_host.client().call("probe", "add", a=1) == 1
+
+
+def test_an_idle_client_is_not_mistaken_for_one_whose_broker_died(probe_host):
+    import asyncio
+
+    client = probe_host.client(broker_timeout=1.0)
+    time.sleep(1.5)  # idle for longer than its broker_timeout: nothing was asked
+    assert client.call("probe", "add", a=1) == 1
+    assert client.ps()["daemons"][0]["name"] == "probe"
+
+    async def idle_then_call():
+        async with modelhost.AsyncClient(probe_host.endpoint, broker_timeout=1.0) as aclient:
+            assert await aclient.call("probe", "add", a=2) == 2
+            await asyncio.sleep(1.5)
+            return await aclient.call("probe", "add", a=3)
+
+    assert asyncio.run(idle_then_call()) == 3
