@@ -90,13 +90,19 @@ def test_kill_9_of_the_broker_daemons_reregister_without_reloading(make_host, te
         assert after["loads"] == 1
 
 
-def test_call_running_across_a_broker_restart_still_gets_its_result(probe_host):
+def test_across_a_broker_restart_running_calls_finish_and_queued_ones_are_lost(probe_host):
     client = probe_host.client()
     broker = probe_host.ps()["broker"]
-    stream = client.stream("probe", "sleep", seconds=4)
+    running = client.stream("probe", "sleep", seconds=6)
+    queued = client.stream("probe", "note", tag="queued-when-the-broker-died")
     probe_host.wait_for(lambda s: s["daemons"][0]["state"] == "busy", 10, "the call to start")
     os.kill(broker["pid"], signal.SIGKILL)
-    assert list(stream) == [] and stream.result == 4
+    # The queued call died with the broker: its client learns it, in words.
+    with pytest.raises(modelhost.RequestLost, match="no record of request"):
+        list(queued)
+    # The running one was adopted by the new broker and its result delivered.
+    assert list(running) == [] and running.result == 6
+    assert "queued-when-the-broker-died" not in client.call("probe", "noted")
 
 
 def test_cancel_running_call(probe_host):
