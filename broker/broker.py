@@ -126,9 +126,7 @@ class Broker:
 
     def _to_daemon(self, identity: bytes, header: dict, payloads=()) -> bool:
         try:
-            # Zero-copy only pays for payloads; small frames are cheaper copied.
-            self.backend.send_multipart([identity] + protocol.encode(header, payloads),
-                                        copy=not payloads)
+            protocol.send(self.backend, [identity] + protocol.encode(header, payloads))
             return True
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
@@ -144,7 +142,7 @@ class Broker:
                                          "message": message})
 
     def _to_client(self, client: bytes, header: dict) -> None:
-        self.frontend.send_multipart([client] + protocol.encode(header))
+        protocol.send(self.frontend, [client] + protocol.encode(header))
 
     # --- frontend -----------------------------------------------------------
 
@@ -275,7 +273,7 @@ class Broker:
         terminal = header["kind"] in protocol.TERMINAL_KINDS
         if self.scheduler.on_reply(name, client, header.get("id"), terminal):
             # The daemon's header frame goes to the client unchanged.
-            self.frontend.send_multipart([client] + body, copy=False)
+            protocol.send(self.frontend, [client] + body)
 
     # --- daemon processes ---------------------------------------------------
 
@@ -350,7 +348,7 @@ class Broker:
         # rather than catching zmq.Again (an exception per wakeup is a
         # measurable cost). Bounded, so neither side can starve the other.
         for _ in range(1000):
-            frames = source.recv_multipart(copy=False)
+            frames = protocol.recv(source)
             try:
                 handler(frames)
             except Exception:

@@ -113,7 +113,11 @@ class Client(object):
 
     def stream(self, model, method, timeout=m.NOT_SET, on_progress=None,
                priority=protocol.Priority.NORMAL, arguments=None, **kwargs):
-        """Run a streaming method; iterate the returned Stream for its chunks."""
+        """Run a streaming method; iterate the returned Stream for its chunks.
+
+        Large payloads are sent without a copy, after this returns: do not
+        modify an array or bytearray passed here until the stream answers.
+        """
         return self._start(model, method, timeout, on_progress, priority,
                            m.merge_arguments(arguments, kwargs), stream=True)
 
@@ -155,8 +159,7 @@ class Client(object):
         return self._next_id
 
     def _send(self, frames):
-        # Zero-copy only pays for payload frames; a lone header is cheaper copied.
-        self._socket.send_multipart(frames, copy=len(frames) == 1)
+        protocol.send(self._socket, frames)
 
     def _expect(self, request_id):
         if not self._outstanding:
@@ -223,7 +226,7 @@ class Client(object):
         # EVENTS instead of catching zmq.Again: an exception per wakeup costs
         # more than a small call's whole client-side work.
         while self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            frames = self._socket.recv_multipart(copy=False)
+            frames = protocol.recv(self._socket)
             self._last_heard = time.monotonic()
             header, payloads = protocol.decode(frames)
             if header.get("kind") == protocol.PONG:

@@ -25,6 +25,7 @@ import os
 import sys
 
 import msgpack
+import zmq
 
 from .errors import BadMessage, ProtocolMismatch
 
@@ -174,6 +175,31 @@ def _resolve(ext, frames):
             raise BadMessage("array payload does not match its dtype {} and shape {}: {}"
                              .format(dtype, shape, exc)) from exc
     raise BadMessage("unknown payload reference type {}".format(ext.code))
+
+
+# Plain ints: pyzmq's send_multipart/recv_multipart combine enum flags on
+# every frame, which costs more than the send itself for small messages.
+_SNDMORE = int(zmq.SNDMORE)
+# Below this size a frame is cheaper copied than tracked for zero-copy.
+_COPY_BELOW = 64 * 1024
+
+
+def send(socket, frames):
+    """Send a multipart message: small frames copied, large ones and zmq.Frames zero-copy."""
+    last = len(frames) - 1
+    for index, frame in enumerate(frames):
+        small = not isinstance(frame, zmq.Frame) and len(frame) < _COPY_BELOW
+        socket.send(frame, _SNDMORE if index < last else 0, copy=small)
+
+
+def recv(socket, flags=0):
+    """Receive a multipart message as zmq.Frames (payloads are never copied)."""
+    frame = socket.recv(flags, copy=False)
+    frames = [frame]
+    while frame.more:
+        frame = socket.recv(copy=False)
+        frames.append(frame)
+    return frames
 
 
 def encode(header, payloads=()):

@@ -137,7 +137,7 @@ class Slot(object):
             if not poller.poll(200):
                 continue
             with self.lock:
-                frames = self.socket.recv_multipart(copy=False)
+                frames = protocol.recv(self.socket)
             try:
                 header, payloads = protocol.decode(frames)
             except ModelhostError as exc:
@@ -168,7 +168,7 @@ class Slot(object):
             with self.lock:
                 # An engine thread that outlives its call must not speak for it.
                 if not finished[0]:
-                    self.socket.send_multipart(frames, copy=len(frames) == 1)
+                    protocol.send(self.socket, frames)
 
         ctx._send = send
         ctx.slot = self.index
@@ -182,7 +182,7 @@ class Slot(object):
                 runtime.running.pop(key, None)
         with self.lock:
             finished[0] = True
-            self.socket.send_multipart(frames, copy=len(frames) == 1)
+            protocol.send(self.socket, frames)
 
     def _outcome(self, ctx, header, payloads, base):
         """The terminal reply's frames; engine exceptions never escape."""
@@ -278,7 +278,7 @@ class Runtime(object):
     # --- main thread: the control socket ------------------------------------
 
     def _send(self, header):
-        self.control.send_multipart(protocol.encode(header), copy=False)
+        protocol.send(self.control, protocol.encode(header))
 
     def _register(self):
         with self.running_lock:
@@ -361,7 +361,7 @@ class Runtime(object):
                 self._on_lifecycle(lifecycle.recv())
             if self.control in events:
                 while self.control.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    frames = self.control.recv_multipart(copy=False)
+                    frames = protocol.recv(self.control)
                     broker_seen = time.monotonic()
                     if broker_lost:
                         log.info("the broker is back")
