@@ -354,7 +354,7 @@ class Broker:
             except Exception:
                 # The broker never dies on input; this is a bug to report.
                 log.exception("internal error while handling a message; dropped")
-            if not source.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if not protocol.readable(source):
                 return
 
     def _heartbeat(self) -> None:

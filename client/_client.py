@@ -225,7 +225,7 @@ class Client(object):
     def _drain(self):
         # EVENTS instead of catching zmq.Again: an exception per wakeup costs
         # more than a small call's whole client-side work.
-        while self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while protocol.readable(self._socket):
             frames = protocol.recv(self._socket)
             self._last_heard = time.monotonic()
             header, payloads = protocol.decode(frames)

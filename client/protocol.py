@@ -192,6 +192,15 @@ def send(socket, frames):
         socket.send(frame, _SNDMORE if index < last else 0, copy=small)
 
 
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+
+
+def readable(socket):
+    """Whether a message is waiting (EVENTS with int constants: enums cost more)."""
+    return socket.getsockopt(_EVENTS) & _POLLIN
+
+
 def recv(socket, flags=0):
     """Receive a multipart message as zmq.Frames (payloads are never copied)."""
     frame = socket.recv(flags, copy=False)

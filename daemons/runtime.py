@@ -360,7 +360,7 @@ class Runtime(object):
             if lifecycle in events:
                 self._on_lifecycle(lifecycle.recv())
             if self.control in events:
-                while self.control.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                while protocol.readable(self.control):
                     frames = protocol.recv(self.control)
                     broker_seen = time.monotonic()
                     if broker_lost:
