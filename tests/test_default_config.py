@@ -75,3 +75,14 @@ def test_up_on_the_default_configuration_then_say_gives_real_speech(tmp_path):
             raise
         log.close()
     assert code == 0, (tmp_path / "up.log").read_text()
+
+
+def test_setup_of_the_default_configuration_is_idempotent_and_says_so():
+    env = dict(os.environ)
+    first = modelhost("setup", env=env, timeout=300)
+    assert first.returncode == 0, first.stderr
+    second = modelhost("setup", "espeak", env=env, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "unchanged" in second.stderr and "up to date" in second.stderr
+    unknown = modelhost("setup", "nope", env=env)
+    assert unknown.returncode == 2 and "no daemon named nope" in unknown.stderr
