@@ -167,9 +167,12 @@ class Broker:
         elif op == protocol.PING:
             asked = header.get("ids") if isinstance(header.get("ids"), list) else []
             known = [rid for rid in asked if self.scheduler.knows(client, rid)]
+            # Settled: up long enough for every live daemon to have registered
+            # the calls it is running, so "unknown" now means lost.
+            settled = self.clock() - self.started > self.scheduler.daemon_expiry_s + \
+                self.config.broker.heartbeat_s
             self._to_client(client, {"kind": protocol.PONG, "id": request_id, "known": known,
-                                     "broker": self.instance,
-                                     "uptime_s": self.clock() - self.started})
+                                     "broker": self.instance, "settled": settled})
         elif op == protocol.PS:
             self._to_client(client, {"kind": protocol.RESULT, "id": request_id,
                                      "value": self.status()})

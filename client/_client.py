@@ -47,8 +47,6 @@ class Stream(object):
                 raise StopIteration
             m.raise_for(header)
 
-    next = __next__
-
     def cancel(self):
         """Ask the broker to cancel the call; iteration then ends with Cancelled."""
         if not self.done:

@@ -12,9 +12,6 @@ from .errors import RequestLost, error_from_wire
 TIMEOUT_GRACE_S = 2.0
 # After Ctrl-C, how long to wait for the daemon to confirm the cancellation.
 CANCEL_GRACE_S = 2.0
-# A request the broker does not know is only declared lost once the broker
-# has been up long enough for daemons to re-register their running calls.
-REREGISTER_GRACE_S = protocol.HEARTBEAT_S * (protocol.LIVENESS + 1)
 
 NOT_SET = object()
 
@@ -110,6 +107,8 @@ class Pings(object):
             if ping_id == pong.get("id"):
                 asked = ids
                 break
-        if pong.get("uptime_s", 0.0) < REREGISTER_GRACE_S:
+        if not pong.get("settled"):
+            # A broker that just restarted may not know yet the calls its
+            # daemons are still running: they re-register within a liveness.
             return set()
         return asked - set(pong.get("known") or [])

@@ -255,23 +255,18 @@ class Runtime(object):
         self.context = zmq.Context.instance()
         self.slots = [Slot(self, index) for index in range(int(spec.get("concurrency", 1)))]
 
-    def _lifecycle(self, action):
-        """engine.load() or unload() off the main thread; the outcome goes back over inproc."""
+    def _load(self):
+        """engine.load() off the main thread; the outcome goes back over inproc."""
         push = self.context.socket(zmq.PUSH)
         push.connect(_LIFECYCLE_ENDPOINT)
         try:
-            if action == "load":
-                self.engine.load()
-                self.loads += 1
-                update = {"state": protocol.DaemonState.READY,
-                          "facts": self.engine.describe() or {}}
-            else:
-                self.engine.unload()
-                update = {"state": protocol.DaemonState.UNLOADED}
+            self.engine.load()
+            self.loads += 1
+            update = {"state": protocol.DaemonState.READY, "facts": self.engine.describe() or {}}
         except Exception as exc:
-            log.error("%s failed: %s\n%s", action, exc, traceback.format_exc())
+            log.error("load failed: %s\n%s", exc, traceback.format_exc())
             update = {"state": protocol.DaemonState.FAILED,
-                      "error": "{} failed: {}: {}".format(action, type(exc).__name__, exc)}
+                      "error": "load failed: {}: {}".format(type(exc).__name__, exc)}
         push.send(protocol.encode(update)[0])
         push.close(linger=1000)
 
@@ -345,7 +340,7 @@ class Runtime(object):
             slot.connect(self.context, self.spec["backend"])
             slot.thread.start()
         if self.state == protocol.DaemonState.LOADING:
-            threading.Thread(target=self._lifecycle, args=("load",), daemon=True).start()
+            threading.Thread(target=self._load, daemon=True).start()
 
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)

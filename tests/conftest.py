@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 import modelhost
-from modelhost import protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ROOT / "tests" / "engines"
@@ -178,10 +177,3 @@ def pid_alive(pid):
             return handle.read().split()[2] != "Z"
     except OSError:
         return False
-
-
-def default_endpoint_for(runtime_dir):
-    return "ipc://" + os.path.join(str(runtime_dir), "frontend.sock")
-
-
-__all__ = ["Host", "daemon_yaml", "pid_alive", "protocol"]
