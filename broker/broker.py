@@ -23,6 +23,7 @@ from modelhost import protocol
 from modelhost.errors import ModelhostError
 
 from .config import Config
+from .memory import MemoryProbe, MemoryReading, choose_probe
 from .scheduler import DaemonLimits, Request, Scheduler
 
 log = logging.getLogger("modelhost.broker")
@@ -62,8 +63,12 @@ def _listening(path: str) -> bool:
 
 
 class Broker:
-    def __init__(self, config: Config, *, clock=time.monotonic, parent_pid: int | None = None):
+    def __init__(self, config: Config, *, clock=time.monotonic, parent_pid: int | None = None,
+                 probe: MemoryProbe | None = None):
         self.config = config
+        self.probe = probe or choose_probe()
+        # The last reading, refreshed every heartbeat: what `ps` shows.
+        self.memory = MemoryReading([])
         self.clock = clock
         self.parent_pid = parent_pid
         self.instance = uuid.uuid4().hex[:12]
@@ -267,6 +272,7 @@ class Broker:
                  name, daemon.pid, daemon.interpreter, daemon.state,
                  len(header.get("running") or []))
         self._watch_pid(name, daemon.pid)
+        self._read_memory()
 
     def on_daemon_reply(self, name: str | None, header: dict, body: list) -> None:
         client = header.get("client")
@@ -314,7 +320,10 @@ class Broker:
                        "protocol": protocol.VERSION,
                        "frontend": self.config.broker.frontend,
                        "config": str(self.config.path) if self.config.path else None},
-            "daemons": self.scheduler.snapshot(),
+            "memory": {"probe": self.probe.kind, "reason": self.probe.reason,
+                       "devices": [vars(device) for device in self.memory.devices]},
+            "daemons": [dict(row, memory_bytes=self.memory.by_pid.get(row["pid"]))
+                        for row in self.scheduler.snapshot()],
         }
 
     # --- the loop -----------------------------------------------------------
@@ -326,6 +335,7 @@ class Broker:
         next_heartbeat = self.clock() + heartbeat_s
         log.info("broker %s listening: clients at %s, daemons at %s", self.instance,
                  self.config.broker.frontend, self.config.broker.backend)
+        log.info("memory probe: %s (%s)", self.probe.kind, self.probe.reason)
         while not self.stopping:
             wakeup = min(filter(None, (next_heartbeat, self.scheduler.next_wakeup())))
             timeout_ms = max(0.0, (wakeup - self.clock()) * 1000)
@@ -368,3 +378,12 @@ class Broker:
         for daemon in self.scheduler.daemons.values():
             if daemon.identity is not None:
                 self._to_daemon(daemon.identity, {"op": protocol.HEARTBEAT})
+        self._read_memory()
+
+    def _read_memory(self) -> None:
+        pids = [d.pid for d in self.scheduler.daemons.values() if d.identity is not None and d.pid]
+        try:
+            self.memory = self.probe.read(pids)
+        except Exception:
+            # A probe is instrumentation: its failure must not stop routing.
+            log.exception("memory probe %s failed; memory figures are stale", self.probe.kind)

@@ -124,11 +124,16 @@ class Client(object):
         request_id = self._new_id()
         self._expect(request_id)
         self._send(m.control_frames(protocol.PS, request_id))
-        for header, payloads in self._replies(request_id, time.monotonic() + timeout,
-                                              grace=0.0):
-            if header["kind"] == protocol.RESULT:
-                return m.reply_value(header, payloads)
-            m.raise_for(header)
+        try:
+            for header, payloads in self._replies(request_id, time.monotonic() + timeout,
+                                                  grace=0.0):
+                if header["kind"] == protocol.RESULT:
+                    return m.reply_value(header, payloads)
+                m.raise_for(header)
+        except Timeout:
+            # The broker answers ps at once: silence means nobody is there.
+            raise BrokerUnavailable("no answer from the broker at {} within {:.0f}s; is "
+                                    "`modelhost up` running?".format(self.endpoint, timeout))
 
     def cancel(self, request_id):
         self._check_open()

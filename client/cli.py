@@ -107,12 +107,23 @@ def format_table(rows, columns):
     return "\n".join(lines)
 
 
+def _size(value):
+    if value is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return "{:.0f} {}".format(value, unit) if unit == "B" else "{:.1f} {}".format(
+                value, unit)
+        value /= 1024.0
+
+
 PS_COLUMNS = [
     ("NAME", lambda d: d["name"]),
     ("STATE", lambda d: d["state"]),
     ("PID", lambda d: str(d.get("pid") or "-")),
     ("PYTHON", lambda d: d.get("python") or "-"),
     ("UPTIME", lambda d: _duration(d.get("uptime_s"))),
+    ("MEM", lambda d: _size(d.get("memory_bytes"))),
     ("QUEUE", lambda d: "{}/{}".format(d.get("queued", 0), d.get("max_queue", "-"))),
     ("RUN", lambda d: "{}/{}".format(d.get("running", 0), d.get("concurrency", "-"))),
     ("LOADS", lambda d: str(d.get("loads", 0))),
@@ -130,6 +141,11 @@ def cmd_ps(args):
     broker = status["broker"]
     print("broker pid {} up {}, clients at {}".format(broker["pid"], _duration(broker["uptime_s"]),
                                                     broker["frontend"]))
+    memory = status.get("memory") or {}
+    for device in memory.get("devices", []):
+        print("{}: {} used of {}, {} free (probe: {})".format(
+            device["name"], _size(device["used"]), _size(device["total"]), _size(device["free"]),
+            memory["probe"]))
     print(format_table(status["daemons"], PS_COLUMNS))
     return 0
 

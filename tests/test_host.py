@@ -423,3 +423,17 @@ def test_an_idle_client_is_not_mistaken_for_one_whose_broker_died(probe_host):
             return await aclient.call("probe", "add", a=3)
 
     assert asyncio.run(idle_then_call()) == 3
+
+
+def test_ps_shows_each_daemons_measured_memory(probe_host):
+    client = probe_host.client()
+    before = probe_host.daemon("probe")["memory_bytes"]
+    assert client.call("probe", "hold", megabytes=200) == 200 * 2**20
+    grown = probe_host.wait_for(
+        lambda s: s["daemons"][0]["memory_bytes"] >= before + 200 * 2**20, 10,
+        "the daemon's resident memory to grow by 200 MiB")
+    assert grown["memory"]["probe"] == "host"
+    assert grown["memory"]["devices"][0]["name"] == "host"
+    table = subprocess.run([sys.executable, "-m", "modelhost.cli", "ps", "--endpoint",
+                            probe_host.endpoint], capture_output=True, text=True, timeout=30)
+    assert "MEM" in table.stdout and "MiB" in table.stdout and "(probe: host)" in table.stdout

@@ -77,6 +77,19 @@ class ProbeEngine(Engine):
         return list(self.notes)
 
     @operation
+    def hold(self, ctx, megabytes: int):
+        """Keep `megabytes` of real, touched memory until release()."""
+        self.held = bytearray(megabytes * 2**20)
+        for offset in range(0, len(self.held), 4096):
+            self.held[offset] = 1  # touch every page so it is resident
+        return len(self.held)
+
+    @operation
+    def release(self, ctx):
+        self.held = None
+        return 0
+
+    @operation
     def fail(self, ctx, message: str = "boom"):
         raise ValueError(message)
 
