@@ -358,11 +358,11 @@ class Scheduler:
         if key in self.requests or key in self._abandoned or not isinstance(key[0], bytes):
             return
         slot = call.get("slot")
-        busy = {r.slot for r in daemon.running.values()}
-        if not isinstance(slot, int) or slot in busy:
+        free = self._free_slots(daemon)
+        if slot not in free:
             # A register that does not say which slot: take the first free one
             # so the call still counts against the concurrency limit.
-            slot = next((i for i in range(len(daemon.slots)) if i not in busy), None)
+            slot = free[0] if free else None
         request = Request(client=key[0], id=key[1], model=daemon.name,
                           method=call.get("method") or "?", forward={}, payloads=[],
                           state=RequestState.RUNNING, enqueued_at=self.clock(), slot=slot)
@@ -373,10 +373,7 @@ class Scheduler:
         """Dispatch queued calls to the daemon's free slots."""
         if not daemon.serving or self.clock() < daemon.retry_at:
             return
-        busy = {request.slot for request in daemon.running.values()}
-        free = [index for index in range(min(len(daemon.slots), daemon.limits.concurrency))
-                if index not in busy]
-        for slot in free:
+        for slot in self._free_slots(daemon):
             request = self._next_queued(daemon)
             if request is None:
                 return
@@ -392,6 +389,12 @@ class Scheduler:
                 daemon.queues[request.priority].appendleft(request)
                 daemon.retry_at = self.clock() + DISPATCH_RETRY_S
                 return
+
+    @staticmethod
+    def _free_slots(daemon: Daemon) -> list[int]:
+        busy = {request.slot for request in daemon.running.values()}
+        return [index for index in range(min(len(daemon.slots), daemon.limits.concurrency))
+                if index not in busy]
 
     def _next_queued(self, daemon: Daemon) -> Request | None:
         for priority in Priority.ALL:

@@ -36,6 +36,7 @@ class AsyncClient(object):
         # Requests whose message has left: only these may be asked about in a
         # ping (a request still being sent is unknown to the broker for now).
         self._sent = set()
+        self._pings = m.Pings()
         self._reader = None
         self._last_heard = time.monotonic()
 
@@ -149,11 +150,10 @@ class AsyncClient(object):
     async def _read(self):
         """Route replies to their request's queue; ping while requests are outstanding."""
         last_ping = 0.0
-        pings = self._pings = m.Pings()
         try:
             while self._queues:
                 if await self._socket.poll(protocol.HEARTBEAT_S * 1000, zmq.POLLIN):
-                    while self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    while protocol.readable(self._socket):
                         frames = await self._socket.recv_multipart(copy=False)
                         self._last_heard = time.monotonic()
                         self._route(*protocol.decode(frames))
@@ -161,7 +161,7 @@ class AsyncClient(object):
                     # Pings keep this client alive in the broker's eyes and
                     # reveal requests that a restarted broker no longer knows.
                     last_ping = time.monotonic()
-                    await self._socket.send_multipart(pings.frames(self._sent))
+                    await self._socket.send_multipart(self._pings.frames(self._sent))
                     silent = time.monotonic() - self._last_heard
                     if silent > self.broker_timeout:
                         error = protocol.error_header(
