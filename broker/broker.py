@@ -23,8 +23,9 @@ from modelhost import protocol
 from modelhost.errors import ModelhostError
 
 from .config import Config
-from .memory import MemoryProbe, MemoryReading, choose_probe
-from .scheduler import DaemonLimits, Request, Scheduler
+from .footprints import STATE_FILE, FootprintStore, fingerprint
+from .memory import MemoryProbe, choose_probe, format_bytes
+from .scheduler import Action, DaemonLimits, MemoryPolicy, Request, Scheduler
 
 log = logging.getLogger("modelhost.broker")
 
@@ -66,9 +67,8 @@ class Broker:
     def __init__(self, config: Config, *, clock=time.monotonic, parent_pid: int | None = None,
                  probe: MemoryProbe | None = None):
         self.config = config
-        self.probe = probe or choose_probe()
-        # The last reading, refreshed every heartbeat: what `ps` shows.
-        self.memory = MemoryReading([])
+        memory = config.broker.memory
+        self.probe = probe or choose_probe(memory.probe)
         self.clock = clock
         self.parent_pid = parent_pid
         self.instance = uuid.uuid4().hex[:12]
@@ -76,12 +76,26 @@ class Broker:
         broker = config.broker
         limits = {
             name: DaemonLimits(concurrency=d.concurrency, max_queue=d.max_queue,
-                               max_payload_bytes=d.max_payload_bytes or broker.max_payload_bytes)
+                               max_payload_bytes=d.max_payload_bytes or broker.max_payload_bytes,
+                               device=d.device, pinned=d.pin, idle_ttl_s=d.idle_ttl_s,
+                               preload=d.preload, declared_resident=d.declared_resident,
+                               declared_peak=d.declared_peak)
             for name, d in config.daemons.items()
         }
+        self.store = FootprintStore(
+            broker.state_dir / STATE_FILE,
+            {name: fingerprint(d.engine, d.options, d.python, str(d.venv), d.device)
+             for name, d in config.daemons.items()})
+        policy = MemoryPolicy(aging_s=memory.aging_s, max_skips=memory.max_skips,
+                              priority_window_s=memory.priority_window_s,
+                              limit_for=memory.limit_for)
         self.scheduler = Scheduler(limits, self, clock,
                                    daemon_expiry_s=broker.heartbeat_s * broker.liveness,
-                                   client_expiry_s=broker.client_liveness_s)
+                                   client_expiry_s=broker.client_liveness_s, policy=policy,
+                                   footprints=self.store.footprints, pins=self.store.pins)
+        # Daemons whose process the memory manager stopped: the supervisor
+        # reads this from `status()` and keeps them stopped until it empties.
+        self.stopped_for_memory: set[str] = set()
         self.context = zmq.Context()
         # A hard cap per frame from clients; the per-daemon limit is checked
         # softly with an error reply, this one protects the broker's memory.
@@ -138,6 +152,20 @@ class Broker:
                 raise
             return False
 
+    def set_tier(self, daemon, tier: str) -> None:
+        if daemon.identity is not None:
+            self._to_daemon(daemon.identity, {"op": protocol.TIER, "tier": tier})
+
+    def set_process(self, daemon, running: bool) -> None:
+        if running:
+            self.stopped_for_memory.discard(daemon.name)
+        else:
+            self.stopped_for_memory.add(daemon.name)
+
+    def reply_result(self, request: Request, value) -> None:
+        self._to_client(request.client, {"kind": protocol.RESULT, "id": request.id,
+                                         "value": value})
+
     def reply_error(self, request: Request, code: str, message: str) -> None:
         log.info("daemon=%s rid=%s error %s: %s", request.model, request.id, code, message)
         self._to_client(request.client, protocol.error_header(request.id, code, message))
@@ -181,6 +209,21 @@ class Broker:
         elif op == protocol.PS:
             self._to_client(client, {"kind": protocol.RESULT, "id": request_id,
                                      "value": self.status()})
+        elif op in (protocol.LOAD, protocol.UNLOAD):
+            self.on_tier_request(client, op, header)
+        elif op in (protocol.PIN, protocol.UNPIN):
+            name = header.get("model")
+            if name not in self.scheduler.daemons:
+                self._to_client(client, protocol.error_header(
+                    request_id, "unknown_model", "no model named {!r}; this broker serves: {}"
+                    .format(name, ", ".join(self.scheduler.daemons) or "none")))
+                return
+            self.scheduler.set_pinned(name, op == protocol.PIN)
+            self.store.pins[name] = op == protocol.PIN
+            self.store.mark_dirty()
+            self.store.save()
+            self._to_client(client, {"kind": protocol.RESULT, "id": request_id,
+                                     "value": self.scheduler.row(name)})
         elif op == protocol.SUPERVISOR:
             processes = header.get("processes")
             if isinstance(processes, dict):
@@ -190,7 +233,31 @@ class Broker:
         else:
             self._to_client(client, protocol.error_header(
                 request_id, "bad_message", "unknown op {!r}; expected one of call, cancel, "
-                "ping, ps".format(op)))
+                "ping, ps, load, unload, pin, unpin".format(op)))
+
+    def on_tier_request(self, client: bytes, op: str, header: dict) -> None:
+        """`modelhost load/unload NAME`: a request answered once the daemon is at the tier."""
+        request_id = header.get("id")
+        timeout = header.get("timeout")
+        priority = header.get("priority", protocol.Priority.NORMAL)
+        problem = None
+        if request_id is None or isinstance(request_id, (dict, list)):
+            problem = "a request needs an id: an integer or a string"
+        elif not isinstance(header.get("model"), str):
+            problem = "{} needs `model`, the daemon's name".format(op)
+        elif priority not in protocol.Priority.ALL:
+            problem = "priority must be one of {}".format(", ".join(protocol.Priority.ALL))
+        elif timeout is not None and (isinstance(timeout, bool) or
+                                      not isinstance(timeout, (int, float)) or timeout <= 0):
+            problem = "timeout must be a positive number of seconds"
+        if problem is not None:
+            self._to_client(client, protocol.error_header(request_id, "bad_message", problem))
+            return
+        self.scheduler.on_call(Request(
+            client=client, id=request_id, model=header["model"], method=op, forward={},
+            payloads=[], priority=priority,
+            action=Action.LOAD if op == protocol.LOAD else Action.UNLOAD,
+            deadline=None if timeout is None else self.clock() + float(timeout)))
 
     def on_call(self, client: bytes, header: dict, payloads: list) -> None:
         request_id = header.get("id")
@@ -242,7 +309,8 @@ class Broker:
             return
         kind = header.get("kind")
         if name is not None:
-            self.scheduler.on_daemon_seen(name)
+            mem = header.get("mem") if op == protocol.HEARTBEAT else None
+            self.scheduler.on_daemon_seen(name, mem if isinstance(mem, dict) else None)
         elif kind is None:
             # The control socket of a daemon this broker does not know yet (it
             # restarted): have it register. Replies from its slots are still
@@ -251,8 +319,12 @@ class Broker:
         if kind is not None:
             self.on_daemon_reply(name, header, body)
         elif op == protocol.STATE and name is not None:
-            log.info("daemon=%s state %s%s", name, header.get("state"),
+            log.info("daemon=%s state %s%s%s", name, header.get("state"),
+                     " ({:.2f}s)".format(header["took_s"])
+                     if isinstance(header.get("took_s"), (int, float)) else "",
                      ": " + header["error"] if header.get("error") else "")
+            # A fresh reading first: a finished move is confirmed by the probe.
+            self._read_memory()
             self.scheduler.on_daemon_state(name, header)
         elif op not in (protocol.HEARTBEAT, protocol.STATE):
             log.warning("daemon=%s sent unknown op %r", name, op)
@@ -280,7 +352,9 @@ class Broker:
             log.error("daemon=%s sent a reply without its client; dropped", name)
             return
         terminal = header["kind"] in protocol.TERMINAL_KINDS
-        if self.scheduler.on_reply(name, client, header.get("id"), terminal):
+        mem = header.get("mem") if terminal else None
+        if self.scheduler.on_reply(name, client, header.get("id"), terminal,
+                                   mem if isinstance(mem, dict) else None):
             # The daemon's header frame goes to the client unchanged.
             protocol.send(self.frontend, [client] + body)
 
@@ -321,9 +395,10 @@ class Broker:
                        "frontend": self.config.broker.frontend,
                        "config": str(self.config.path) if self.config.path else None},
             "memory": {"probe": self.probe.kind, "reason": self.probe.reason,
-                       "devices": [vars(device) for device in self.memory.devices]},
-            "daemons": [dict(row, memory_bytes=self.memory.by_pid.get(row["pid"]))
-                        for row in self.scheduler.snapshot()],
+                       "devices": self.scheduler.device_rows()},
+            "daemons": self.scheduler.snapshot(),
+            # For the supervisor: processes stopped to free memory, kept down.
+            "stop": sorted(self.stopped_for_memory),
         }
 
     # --- the loop -----------------------------------------------------------
@@ -336,8 +411,22 @@ class Broker:
         log.info("broker %s listening: clients at %s, daemons at %s", self.instance,
                  self.config.broker.frontend, self.config.broker.backend)
         log.info("memory probe: %s (%s)", self.probe.kind, self.probe.reason)
+        self._read_memory()
+        for device in self.scheduler.device_rows():
+            log.info("memory: %s: threshold %s (%s), external memory %s", device["name"],
+                     format_bytes(device.get("threshold")), device.get("threshold_text"),
+                     "counted" if device.get("external_counted") else "ignored")
+        sample_s = self.config.broker.memory.sample_s
+        next_sample = None
         while not self.stopping:
-            wakeup = min(filter(None, (next_heartbeat, self.scheduler.next_wakeup())))
+            # While calls run, the probe samples them for their peaks.
+            busy = any(d.running for d in self.scheduler.daemons.values())
+            if busy and next_sample is None:
+                next_sample = self.clock() + sample_s
+            elif not busy:
+                next_sample = None
+            wakeup = min(filter(None, (next_heartbeat, next_sample,
+                                       self.scheduler.next_wakeup())))
             timeout_ms = max(0.0, (wakeup - self.clock()) * 1000)
             for source, _ in self.poller.poll(timeout_ms):
                 self._drain(source)
@@ -345,10 +434,14 @@ class Broker:
             # Timers only when one is due: this loop runs once per message.
             if now >= wakeup:
                 self.scheduler.on_tick()
+            if next_sample is not None and now >= next_sample:
+                next_sample = None
+                self._read_memory()
             if now >= next_heartbeat:
                 next_heartbeat = now + heartbeat_s
                 self._heartbeat()
         log.info("broker stopping")
+        self.store.save()
         self.context.destroy(linger=0)
         return 0
 
@@ -379,11 +472,17 @@ class Broker:
             if daemon.identity is not None:
                 self._to_daemon(daemon.identity, {"op": protocol.HEARTBEAT})
         self._read_memory()
+        if self.scheduler.take_dirty():
+            self.store.mark_dirty()
+        self.store.save()
 
     def _read_memory(self) -> None:
         pids = [d.pid for d in self.scheduler.daemons.values() if d.identity is not None and d.pid]
         try:
-            self.memory = self.probe.read(pids)
+            reading = self.probe.read(pids)
         except Exception:
-            # A probe is instrumentation: its failure must not stop routing.
+            # The probe failing must not stop routing: admission goes on with
+            # the last reading and the footprints.
             log.exception("memory probe %s failed; memory figures are stale", self.probe.kind)
+            return
+        self.scheduler.on_memory(reading)

@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,9 +30,9 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from modelhost.protocol import default_runtime_dir
 
 __all__ = [
-    "ConfigError", "RestartPolicy", "DaemonConfig", "BrokerConfig", "Config",
-    "default_config_path", "load_config", "parse_config", "daemon_spec",
-    "interpreter_for", "find_base_interpreter", "parse_size",
+    "ConfigError", "RestartPolicy", "DaemonConfig", "DeviceLimit", "MemoryConfig",
+    "BrokerConfig", "Config", "default_config_path", "load_config", "parse_config",
+    "daemon_spec", "interpreter_for", "find_base_interpreter", "parse_size", "format_size",
 ]
 
 
@@ -68,7 +68,66 @@ class DaemonConfig:
     stop_timeout_s: float = 10.0
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     autostart: bool = True
+    # The footprint the file declares, until the broker has measured one: the
+    # bytes its weights hold when resident, and the extra a call needs at its
+    # peak. None: not declared.
+    declared_resident: int | None = None
+    declared_peak: int | None = None
+    device: str | None = None  # where its memory lives; None: the probe's first device
+    pin: bool = False  # never evicted (nor unloaded when idle)
+    idle_ttl_s: float | None = None  # unloaded after this long idle; None: never
+    preload: bool = True  # loaded once its process is up, if that evicts nothing
     line: int = 0  # line of the daemon's section, for later messages
+
+
+@dataclass(frozen=True)
+class DeviceLimit:
+    """How much of one device the broker may commit, and what counts against it.
+
+    Exactly one of threshold_fraction and threshold_bytes is set.
+    """
+
+    threshold_fraction: float | None = 0.9  # of the device's total, in (0, 1]
+    threshold_bytes: int | None = None  # an absolute size
+    # "count": memory held by processes other than modelhost's daemons takes
+    # room from the threshold; "ignore": only the daemons' memory is counted.
+    external: str = "count"
+
+    def budget(self, total: int) -> int:
+        """The bytes the broker may commit on a device of `total` bytes.
+
+        A fraction is floored to whole bytes. A size is returned as written,
+        even above `total`: the device's own capacity, as the probe reads it,
+        still bounds what fits.
+        """
+        if self.threshold_bytes is not None:
+            return self.threshold_bytes
+        return int(math.floor(self.threshold_fraction * total))
+
+    def describe(self, total: int | None = None) -> str:
+        """The threshold for people: "90% of 79.6 GiB", "90%" without a total, "2.0 GiB"."""
+        if self.threshold_bytes is not None:
+            return format_size(self.threshold_bytes)
+        percent = f"{round(self.threshold_fraction * 100, 2):g}%"
+        return percent if total is None else f"{percent} of {format_size(total)}"
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    probe: str = "auto"  # auto | nvml | host
+    default: DeviceLimit = field(default_factory=DeviceLimit)  # for devices not in `devices`
+    devices: dict[str, DeviceLimit] = field(default_factory=dict)  # "gpu0", "host" -> limit
+    sample_s: float = 0.2  # probe period while calls run, to catch their peaks
+    aging_s: float = 30.0  # a waiting call rises one priority class per aging_s
+    # Times calls for resident daemons may overtake a call that waits for
+    # memory, so that a big load is not starved by a stream of small calls.
+    max_skips: int = 4
+    # A daemon ranks, for eviction, with the highest priority class it served
+    # within this window.
+    priority_window_s: float = 60.0
+
+    def limit_for(self, device_id: str) -> DeviceLimit:
+        return self.devices.get(device_id, self.default)
 
 
 @dataclass(frozen=True)
@@ -82,6 +141,7 @@ class BrokerConfig:
     client_liveness_s: float = 10.0
     max_payload_bytes: int = 256 * 2**20
     log_level: str = "info"  # debug|info|warning|error
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
 @dataclass(frozen=True)
@@ -92,6 +152,9 @@ class Config:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+PROBES = ("auto", "nvml", "host")
+EXTERNAL_POLICIES = ("count", "ignore")
+DEVICE_ID = re.compile(r"^(gpu[0-9]+|host)$")
 DAEMON_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 ENGINE_REF = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 PYTHON_VERSION = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?$")
@@ -109,10 +172,15 @@ _ENV_REF = re.compile(r"\$(?:\{([^}]*)\}|(\w+))")
 _MAX_IPC_PATH = 107
 
 _BROKER_KEYS = ("runtime_dir", "state_dir", "frontend", "backend", "heartbeat_s",
-                "liveness", "client_liveness_s", "max_payload", "log_level")
+                "liveness", "client_liveness_s", "max_payload", "log_level", "memory")
+_MEMORY_KEYS = ("probe", "threshold", "external", "devices", "sample_s", "aging_s",
+                "max_skips", "priority_window_s")
+_DEVICE_KEYS = ("threshold", "external")
 _DAEMON_KEYS = ("engine", "python", "venv", "requirements", "options", "pythonpath", "env",
                 "concurrency", "max_queue", "max_payload", "ready_timeout_s",
-                "stop_timeout_s", "restart", "autostart")
+                "stop_timeout_s", "restart", "autostart", "memory", "device", "pin",
+                "idle_ttl_s", "preload")
+_FOOTPRINT_KEYS = ("resident", "peak")
 _RESTART_KEYS = ("backoff_s", "max_backoff_s", "reset_after_s")
 
 _BAD = object()  # a value that failed validation; the error is already recorded
@@ -235,6 +303,16 @@ def _version_of(exe: str) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def format_size(n: int) -> str:
+    """Bytes for people: "512 B", "1.5 KiB", "79.6 GiB" (binary units, as parse_size reads)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024.0
+    raise AssertionError("unreachable")
 
 
 def parse_size(value: Any) -> int:
@@ -360,7 +438,64 @@ class _Parser:
             client_liveness_s=get("client_liveness_s", self.duration, 10.0),
             max_payload_bytes=get("max_payload", self.size, 256 * 2**20),
             log_level=level.lower(),
+            memory=get("memory", self.memory, MemoryConfig()),
         )
+
+    def memory(self, node: Node, kp: str) -> Any:
+        fields = self.mapping(node, kp, _MEMORY_KEYS)
+        if fields is None:
+            return _BAD
+
+        def get(key: str, convert: Callable, default: Any, **kw) -> Any:
+            return self.field(fields, kp, key, convert, default, **kw)
+
+        probe = get("probe", self.choice, "auto", choices=PROBES)
+        default = DeviceLimit()
+        threshold = get("threshold", self.threshold, None)
+        if threshold is not None:
+            default = _with_threshold(default, threshold)
+        default = replace(default, external=get("external", self.choice, "count",
+                                                choices=EXTERNAL_POLICIES))
+        devices = {}
+        if "devices" in fields:
+            devices = self.device_limits(fields["devices"][1], f"{kp}.devices", default)
+        return MemoryConfig(
+            probe=probe,
+            default=default,
+            devices=devices,
+            sample_s=get("sample_s", self.duration, 0.2),
+            aging_s=get("aging_s", self.duration, 30.0),
+            max_skips=get("max_skips", self.integer, 4, minimum=0),
+            priority_window_s=get("priority_window_s", self.duration, 60.0, allow_zero=True),
+        )
+
+    def device_limits(self, node: Node, kp: str, default: DeviceLimit) -> dict[str, DeviceLimit]:
+        """Per-device overrides: a mapping {threshold, external}, or just a threshold.
+
+        What an override leaves out comes from the section's defaults.
+        """
+        entries = self.mapping(node, kp, None) or {}
+        limits = {}
+        for device_id, (knode, vnode) in entries.items():
+            dkp = _join(kp, device_id)
+            if not DEVICE_ID.match(device_id):
+                self.error(knode, dkp, "unknown device id: expected gpu0, gpu1, ... (as the "
+                                       "NVML probe numbers them) or host")
+                continue
+            if isinstance(vnode, MappingNode):
+                fields = self.mapping(vnode, dkp, _DEVICE_KEYS) or {}
+                limit = default
+                threshold = self.field(fields, dkp, "threshold", self.threshold, None)
+                if threshold is not None:
+                    limit = _with_threshold(limit, threshold)
+                external = self.field(fields, dkp, "external", self.choice, default.external,
+                                      choices=EXTERNAL_POLICIES)
+                limits[device_id] = replace(limit, external=external)
+            else:
+                threshold = self.threshold(vnode, dkp)
+                if threshold is not _BAD:
+                    limits[device_id] = _with_threshold(default, threshold)
+        return limits
 
     def daemon(self, name: str, knode: Node, vnode: Node, broker: BrokerConfig) -> DaemonConfig | None:
         kp = f"daemons.{name}"
@@ -407,6 +542,17 @@ class _Parser:
         if "restart" in fields:
             restart = self.restart(fields["restart"][1], f"{kp}.restart")
 
+        footprint: dict[str, int | None] = {}
+        if "memory" in fields:
+            footprint = self.footprint(fields["memory"][1], f"{kp}.memory")
+        pin = get("pin", self.boolean, False)
+        idle_ttl_s = get("idle_ttl_s", self.duration, None, allow_null=True)
+        if pin and idle_ttl_s is not None:
+            self.error(fields["idle_ttl_s"][1], f"{kp}.idle_ttl_s",
+                       f"a pinned daemon is never unloaded (pin: true at line "
+                       f"{fields['pin'][1].start_mark.line + 1}), so an idle TTL cannot apply; "
+                       "remove one of the two")
+
         # Convert every field before deciding whether the daemon is usable, so
         # that all its errors are reported in one pass.
         values = dict(
@@ -419,12 +565,25 @@ class _Parser:
             ready_timeout_s=get("ready_timeout_s", self.duration, 300.0),
             stop_timeout_s=get("stop_timeout_s", self.duration, 10.0),
             autostart=get("autostart", self.boolean, True),
+            declared_resident=footprint.get("resident"),
+            declared_peak=footprint.get("peak"),
+            device=get("device", self.device_id, None),
+            pin=pin,
+            idle_ttl_s=idle_ttl_s,
+            preload=get("preload", self.boolean, True),
         )
         if missing or not name_ok or engine is None or python is None:
             return None
         return DaemonConfig(name=name, engine=engine, python=python, venv=venv,
                             max_payload_bytes=max_payload, restart=restart,
                             line=knode.start_mark.line + 1, **values)
+
+    def footprint(self, node: Node, kp: str) -> dict[str, int | None]:
+        fields = self.mapping(node, kp, _FOOTPRINT_KEYS) or {}
+        # 0 is a real footprint: a daemon that holds nothing on the device, or
+        # whose calls need nothing beyond its weights.
+        return {key: self.field(fields, kp, key, self.size, None, allow_zero=True)
+                for key in _FOOTPRINT_KEYS}
 
     def restart(self, node: Node, kp: str) -> RestartPolicy:
         fields = self.mapping(node, kp, _RESTART_KEYS) or {}
@@ -536,13 +695,86 @@ class _Parser:
             return _BAD
         return value
 
-    def duration(self, node: Node, kp: str) -> Any:
+    def duration(self, node: Node, kp: str, allow_zero: bool = False,
+                 allow_null: bool = False) -> Any:
         value = self.scalar(node)
+        if value is None and allow_null:
+            return None
         if (not isinstance(value, (int, float)) or isinstance(value, bool)
-                or not math.isfinite(value) or value <= 0):
-            self.error(node, kp, f"expected a positive number of seconds, got {self.describe(node)}")
+                or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero)):
+            what = "a number of seconds >= 0" if allow_zero else "a positive number of seconds"
+            self.error(node, kp, f"expected {what}, got {self.describe(node)}")
             return _BAD
         return float(value)
+
+    def choice(self, node: Node, kp: str, choices: tuple[str, ...]) -> Any:
+        value = self.scalar(node)
+        if not isinstance(value, str) or value not in choices:
+            suggestion = _suggest(value, choices) if isinstance(value, str) else ""
+            self.error(node, kp, f"expected one of {', '.join(choices)}, "
+                                 f"got {self.describe(node)}{suggestion}")
+            return _BAD
+        return value
+
+    def device_id(self, node: Node, kp: str) -> Any:
+        value = self.scalar(node)
+        if not isinstance(value, str) or not DEVICE_ID.match(value):
+            self.error(node, kp, "expected a device id: gpu0, gpu1, ... (as the NVML probe "
+                                 f"numbers them) or host, got {self.describe(node)}")
+            return _BAD
+        return value
+
+    def threshold(self, node: Node, kp: str) -> Any:
+        """("fraction", f) or ("bytes", n), from 0.9, 1, "90%", "70GiB" or 75161927680.
+
+        A number up to 100 is a fraction, never a count of bytes: `threshold: 90`
+        surely means 90%, which is an error that says how to write it.
+        """
+        value = self.scalar(node)
+        expected = ("expected a fraction of the device's memory in (0, 1] like 0.9, "
+                    "or a size like \"70GiB\"")
+        if isinstance(value, str):
+            text = value.strip()
+            if text.endswith("%"):
+                return self.percentage(node, kp, text[:-1])
+            if re.fullmatch(r"[+-]?\d+", text):
+                value = int(text)
+            else:
+                try:
+                    value = float(text)  # "0.9" quoted is still a fraction
+                except ValueError:
+                    pass
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            self.error(node, kp, f"{expected}, got {self.describe(node)}")
+            return _BAD
+        if isinstance(value, float) or (isinstance(value, int) and value <= 100):
+            if math.isfinite(value) and 0 < value <= 1:
+                return ("fraction", float(value))
+            hint = ""
+            if math.isfinite(value) and 1 < value <= 100:
+                hint = f"; for {value:g}% write {value / 100:g} or \"{value:g}%\""
+            self.error(node, kp, f"{expected}, got {self.describe(node)}{hint}")
+            return _BAD
+        try:
+            size = parse_size(value)
+        except ValueError:
+            self.error(node, kp, f"{expected}, got {self.describe(node)}")
+            return _BAD
+        if size <= 0:
+            self.error(node, kp, f"expected a positive size, got {self.describe(node)}")
+            return _BAD
+        return ("bytes", size)
+
+    def percentage(self, node: Node, kp: str, number: str) -> Any:
+        try:
+            percent = float(number)
+        except ValueError:
+            percent = math.nan
+        if not 0 < percent <= 100:  # false for nan too
+            self.error(node, kp, "expected a percentage above 0% and up to 100%, "
+                                 f"got {self.describe(node)}")
+            return _BAD
+        return ("fraction", percent / 100)
 
     def boolean(self, node: Node, kp: str) -> Any:
         value = self.scalar(node)
@@ -551,7 +783,7 @@ class _Parser:
             return _BAD
         return value
 
-    def size(self, node: Node, kp: str) -> Any:
+    def size(self, node: Node, kp: str, allow_zero: bool = False) -> Any:
         value = self.scalar(node)
         try:
             if isinstance(value, float):
@@ -561,8 +793,9 @@ class _Parser:
             self.error(node, kp, "expected a size in bytes, like 1048576, \"256MiB\" or "
                                  f"\"1.5 GB\", got {self.describe(node)}")
             return _BAD
-        if size <= 0:
-            self.error(node, kp, f"expected a positive size, got {self.describe(node)}")
+        if size < 0 or (size == 0 and not allow_zero):
+            what = "a size >= 0" if allow_zero else "a positive size"
+            self.error(node, kp, f"expected {what}, got {self.describe(node)}")
             return _BAD
         return size
 
@@ -701,6 +934,13 @@ class _Parser:
 
 def _join(kp: str, key: str) -> str:
     return f"{kp}.{key}" if kp else key
+
+
+def _with_threshold(limit: DeviceLimit, threshold: tuple[str, float | int]) -> DeviceLimit:
+    kind, value = threshold
+    if kind == "fraction":
+        return replace(limit, threshold_fraction=value, threshold_bytes=None)
+    return replace(limit, threshold_fraction=None, threshold_bytes=value)
 
 
 def _suggest(word: str, choices) -> str:

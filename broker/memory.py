@@ -23,18 +23,31 @@ log = logging.getLogger("modelhost.broker")
 
 @dataclass(frozen=True)
 class DeviceMemory:
+    id: str  # "gpu0", "gpu1", ... or "host": what the configuration names
     name: str  # "gpu0 (NVIDIA H100 80GB HBM3)" or "host"
     total: int  # bytes
     used: int  # bytes, by everything on the device
     free: int  # bytes the device can still give
+    # pid -> bytes that process holds on this device. A pid missing here could
+    # not be read (gone, or hidden from the probe by the driver).
+    by_pid: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class MemoryReading:
     devices: list[DeviceMemory]
-    # pid -> bytes that process holds on the probed memory (all devices summed).
-    # A pid missing here could not be read (gone, or hidden from the probe).
-    by_pid: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def by_pid(self) -> dict[int, int]:
+        """pid -> bytes held on all devices together."""
+        total: dict[int, int] = {}
+        for device in self.devices:
+            for pid, used in device.by_pid.items():
+                total[pid] = total.get(pid, 0) + used
+        return total
+
+    def device(self, device_id: str) -> DeviceMemory | None:
+        return next((d for d in self.devices if d.id == device_id), None)
 
 
 class MemoryProbe(Protocol):
@@ -56,15 +69,15 @@ class HostProbe:
     def read(self, pids: Iterable[int]) -> MemoryReading:
         psutil = self._psutil
         memory = psutil.virtual_memory()
-        device = DeviceMemory("host", memory.total, memory.total - memory.available,
-                              memory.available)
         by_pid = {}
         for pid in pids:
             try:
                 by_pid[pid] = psutil.Process(pid).memory_info().rss
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
-        return MemoryReading([device], by_pid)
+        return MemoryReading([DeviceMemory("host", "host", memory.total,
+                                           memory.total - memory.available, memory.available,
+                                           by_pid)])
 
 
 class NvmlProbe:
@@ -77,6 +90,7 @@ class NvmlProbe:
         self.reason = reason
         self._handles = [nvml.nvmlDeviceGetHandleByIndex(i)
                          for i in range(nvml.nvmlDeviceGetCount())]
+        self._ids = ["gpu{}".format(i) for i in range(len(self._handles))]
         self._names = ["gpu{} ({})".format(i, _text(nvml.nvmlDeviceGetName(handle)))
                        for i, handle in enumerate(self._handles)]
         self._warned = False
@@ -84,14 +98,15 @@ class NvmlProbe:
     def read(self, pids: Iterable[int]) -> MemoryReading:
         nvml = self._nvml
         wanted = set(pids)
-        devices, by_pid = [], {}
-        for name, handle in zip(self._names, self._handles):
+        devices = []
+        for device_id, name, handle in zip(self._ids, self._names, self._handles):
             try:
                 info = nvml.nvmlDeviceGetMemoryInfo(handle)
             except nvml.NVMLError as exc:
                 self._warn_once("cannot read {}: {}".format(name, exc))
                 continue
-            devices.append(DeviceMemory(name, info.total, info.used, info.free))
+            by_pid: dict[int, int] = {}
+            devices.append(DeviceMemory(device_id, name, info.total, info.used, info.free, by_pid))
             try:
                 processes = list(nvml.nvmlDeviceGetComputeRunningProcesses(handle)) + \
                     list(nvml.nvmlDeviceGetGraphicsRunningProcesses(handle))
@@ -105,7 +120,7 @@ class NvmlProbe:
                 # namespace, or a process of another user).
                 if process.pid in wanted and used is not None:
                     by_pid[process.pid] = by_pid.get(process.pid, 0) + used
-        return MemoryReading(devices, by_pid)
+        return MemoryReading(devices)
 
     def _warn_once(self, message: str) -> None:
         if not self._warned:
@@ -117,8 +132,15 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def choose_probe(nvml=None) -> MemoryProbe:
-    """NVML when a driver answers with at least one GPU, else host memory, with the reason."""
+def choose_probe(kind: str = "auto", nvml=None) -> MemoryProbe:
+    """The probe the configuration asks for ("auto", "nvml" or "host"), with the reason.
+
+    auto and nvml use NVML when a driver answers with at least one GPU, and
+    fall back to host memory otherwise: a broker without its GPU figures
+    still routes, and says why in its start-up line.
+    """
+    if kind == "host":
+        return HostProbe("configured (memory.probe: host)")
     if nvml is None:
         try:
             import pynvml as nvml
@@ -132,3 +154,17 @@ def choose_probe(nvml=None) -> MemoryProbe:
     if count == 0:
         return HostProbe("NVML found no GPU; watching host memory instead")
     return NvmlProbe(nvml, "NVML found {} GPU{}".format(count, "" if count == 1 else "s"))
+
+
+def format_bytes(count: int | None) -> str:
+    """1.5 GiB, 300 MiB, 12 KiB: sizes for people, in log lines and errors."""
+    if count is None:
+        return "?"
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            break
+        value /= 1024
+    if unit == "B":
+        return "{} B".format(int(value))
+    return "{:.1f} {}".format(value, unit) if abs(value) < 10 else "{:.0f} {}".format(value, unit)

@@ -68,6 +68,10 @@ class Child:
     crashes_in_a_row: int = 0  # drives the backoff; reset after a stable run
     ever_ready: bool = False  # whether this run of the process became ready
     error: str | None = None
+    # Stopped because the broker's memory manager asked (the "stopped" tier):
+    # not restarted until the broker wants it back.
+    held_down: bool = False
+    stop_deadline: float | None = None  # when a held-down child that lingers is killed
     tail: deque = field(default_factory=lambda: deque(maxlen=40))
     partial_line: bytes = b""
 
@@ -174,8 +178,11 @@ class Supervisor:
         code = child.process.returncode
         how = describe_exit(code)
         child.process = None
-        if self.stopping:
+        if self.stopping or child.held_down:
             child.status = ProcessStatus.STOPPED
+            child.stop_deadline = None
+            if child.held_down:
+                log.info("daemon=%s stopped to free memory (%s)", child.name, how)
             return
         if child.name == BROKER and code == EXIT_CANNOT_START:
             # A bad configuration or a taken endpoint: restarting cannot help.
@@ -232,6 +239,7 @@ class Supervisor:
                 continue
             if header.get("kind") == protocol.RESULT:
                 self.states = {row["name"]: row for row in header["value"]["daemons"]}
+                self._hold_down(set(header["value"].get("stop") or ()))
                 broker = self.children[BROKER]
                 if broker.process is not None and broker.status is ProcessStatus.STARTING:
                     broker.status = ProcessStatus.RUNNING
@@ -253,14 +261,38 @@ class Supervisor:
                 pass  # the broker is restarting; the next tick tries again
             self.link_sent_at = now
 
+    def _hold_down(self, wanted_stopped: set[str]) -> None:
+        """Stop the daemons the broker stopped to free memory; start them when it wants them."""
+        now = time.monotonic()
+        for name, child in self.children.items():
+            if name == BROKER:
+                continue
+            if name in wanted_stopped and not child.held_down:
+                child.held_down = True
+                if child.process is not None:
+                    log.info("daemon=%s stopping: the broker needs its memory", name)
+                    self._kill_group(child, signal.SIGTERM)
+                    child.stop_deadline = now + child.stop_timeout_s
+                else:
+                    child.status = ProcessStatus.STOPPED
+            elif name not in wanted_stopped and child.held_down:
+                child.held_down = False
+                if child.process is None:
+                    log.info("daemon=%s starting again: the broker has room for it", name)
+                    child.crashes_in_a_row = 0
+                    self.start(child)
+
     def _note_readiness(self) -> None:
         for name, row in self.states.items():
             child = self.children.get(name)
             if child is None or child.process is None or row.get("pid") != child.process.pid:
                 continue
             state = row.get("state")
-            if state in (protocol.DaemonState.READY, protocol.DaemonState.BUSY,
-                         protocol.DaemonState.UNLOADED, protocol.DaemonState.FAILED):
+            # Ready: registered, and past the load the broker ordered when
+            # it came up (if it had room for one); a hung first load is
+            # caught by ready_timeout_s like a hung start.
+            if state not in (protocol.DaemonState.STARTING, protocol.DaemonState.LOADING,
+                             protocol.DaemonState.CRASHED, protocol.DaemonState.STOPPED):
                 if child.status is ProcessStatus.STARTING:
                     child.status = ProcessStatus.RUNNING
                     child.ever_ready = True
@@ -284,11 +316,16 @@ class Supervisor:
         now = time.monotonic()
         for child in self.children.values():
             self._reap(child)
-            if child.process is None and child.status in (ProcessStatus.BACKOFF,
-                                                          ProcessStatus.FAILED) \
-                    and now >= child.next_start_at:
+            if child.process is None and not child.held_down and child.status in (
+                    ProcessStatus.BACKOFF, ProcessStatus.FAILED) and now >= child.next_start_at:
                 child.restarts += 1
                 self.start(child)
+            elif child.held_down and child.process is not None and child.stop_deadline \
+                    and now > child.stop_deadline:
+                log.warning("daemon=%s did not stop within %.0fs; killing its process group",
+                            child.name, child.stop_timeout_s)
+                self._kill_group(child, signal.SIGKILL)
+                child.stop_deadline = None
             elif (child.status is ProcessStatus.STARTING and child.name != BROKER
                   and now - child.started_at > child.ready_timeout_s):
                 log.error("daemon=%s not ready after %.0fs (ready_timeout_s); killing it. Its "

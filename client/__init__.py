@@ -17,6 +17,7 @@ from .errors import (
     DaemonError,
     DaemonUnavailable,
     EngineError,
+    InsufficientMemory,
     InternalError,
     ModelhostError,
     OverCapacity,
@@ -37,6 +38,7 @@ __all__ = [
     "AsyncClient", "Client", "ClientState", "Stream", "Progress",
     "ModelhostError", "TransportError", "BrokerUnavailable", "ProtocolMismatch", "BadMessage",
     "RequestLost", "RequestError", "UnknownModel", "UnknownMethod", "BadArguments",
-    "PayloadTooLarge", "OverCapacity", "Timeout", "Cancelled", "DaemonError", "DaemonCrashed",
-    "DaemonUnavailable", "EngineError", "InternalError", "StateError",
+    "PayloadTooLarge", "InsufficientMemory", "OverCapacity", "Timeout", "Cancelled",
+    "DaemonError", "DaemonCrashed", "DaemonUnavailable", "EngineError", "InternalError",
+    "StateError",
 ]

@@ -79,6 +79,22 @@ class AsyncClient(object):
             m.raise_for(header)
         return m.reply_value(header, payloads)
 
+    async def load(self, name, timeout=None, priority=protocol.Priority.NORMAL):
+        """Make daemon `name` resident and return its `ps` row (see Client.load)."""
+        return await self._model_op(protocol.LOAD, name, timeout, priority)
+
+    async def unload(self, name, timeout=None):
+        """Release daemon `name`'s weights once its running calls end; returns its `ps` row."""
+        return await self._model_op(protocol.UNLOAD, name, timeout)
+
+    async def pin(self, name):
+        """Keep daemon `name` from ever being evicted; returns its `ps` row."""
+        return await self._model_op(protocol.PIN, name)
+
+    async def unpin(self, name):
+        """Let daemon `name` be evicted again; returns its `ps` row."""
+        return await self._model_op(protocol.UNPIN, name)
+
     async def cancel(self, request_id):
         await self._socket.send_multipart(m.control_frames(protocol.CANCEL, request_id))
 
@@ -113,17 +129,29 @@ class AsyncClient(object):
             self._reader = asyncio.ensure_future(self._read())
         return queue
 
-    async def _run(self, model, method, timeout, priority, args, stream):
+    def _run(self, model, method, timeout, priority, args, stream):
         if timeout is m.NOT_SET:
             timeout = self.timeout
         request_id = self._new_id()
+        frames = m.call_frames(request_id, model, method, args, timeout, priority, stream)
+        return self._exchange(request_id, frames, timeout)
+
+    async def _model_op(self, op, model, timeout=None, priority=None):
+        request_id = self._new_id()
+        frames = m.model_op_frames(op, request_id, model, timeout, priority)
+        result = None
+        async for header, payloads in self._exchange(request_id, frames, timeout):
+            if header["kind"] == protocol.RESULT:
+                result = m.reply_value(header, payloads)
+        return result
+
+    async def _exchange(self, request_id, frames, timeout):
+        """Send a tracked request; yield its replies up to its result, raise its error."""
         queue = self._open(request_id)
         deadline = None if timeout is None else time.monotonic() + timeout + m.TIMEOUT_GRACE_S
         finished = False
         try:
-            await self._socket.send_multipart(
-                m.call_frames(request_id, model, method, args, timeout, priority, stream),
-                copy=False)
+            await self._socket.send_multipart(frames, copy=False)
             self._sent.add(request_id)
             while True:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -131,7 +159,7 @@ class AsyncClient(object):
                     header, payloads = await asyncio.wait_for(queue.get(), wait)
                 except asyncio.TimeoutError:
                     raise Timeout("no reply within the timeout (and {:.0f}s grace); the broker "
-                                  "was asked to cancel the call".format(m.TIMEOUT_GRACE_S))
+                                  "was asked to cancel the request".format(m.TIMEOUT_GRACE_S))
                 kind = header["kind"]
                 if kind in (protocol.ERROR, protocol.CANCELLED):
                     finished = True

@@ -135,6 +135,31 @@ class Client(object):
             raise BrokerUnavailable("no answer from the broker at {} within {:.0f}s; is "
                                     "`modelhost up` running?".format(self.endpoint, timeout))
 
+    def load(self, name, timeout=None, priority=protocol.Priority.NORMAL):
+        """Make daemon `name` resident and return its `ps` row.
+
+        This may take minutes: the weights load, or the broker first waits for
+        room and evicts idle daemons. `timeout` (seconds, None: no limit) is
+        enforced by the broker; a daemon that can never fit its device raises
+        InsufficientMemory at once.
+        """
+        return self._model_op(protocol.LOAD, name, timeout, priority)
+
+    def unload(self, name, timeout=None):
+        """Release daemon `name`'s weights (its process stays) and return its `ps` row.
+
+        The broker lets the daemon's running calls finish first.
+        """
+        return self._model_op(protocol.UNLOAD, name, timeout)
+
+    def pin(self, name):
+        """Keep daemon `name` from ever being evicted; returns its `ps` row."""
+        return self._model_op(protocol.PIN, name)
+
+    def unpin(self, name):
+        """Let daemon `name` be evicted again; returns its `ps` row."""
+        return self._model_op(protocol.UNPIN, name)
+
     def cancel(self, request_id):
         self._check_open()
         self._send(m.control_frames(protocol.CANCEL, request_id))
@@ -180,6 +205,20 @@ class Client(object):
         deadline = None if timeout is None else time.monotonic() + timeout
         return Stream(self, request_id, deadline, on_progress)
 
+    def _model_op(self, op, model, timeout=None, priority=None):
+        # A tracked request like a call: pings keep it alive in the broker's
+        # eyes and reveal it lost, and Ctrl-C or the deadline cancels it.
+        request_id = self._new_id()
+        self._expect(request_id)
+        self._send(m.model_op_frames(op, request_id, model, timeout, priority))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for header, payloads in self._replies(request_id, deadline):
+            if header["kind"] == protocol.RESULT:
+                return m.reply_value(header, payloads)
+            if header["kind"] in protocol.TERMINAL_KINDS:
+                m.raise_for(header)
+            # progress (or anything else) before the answer: nothing to show here
+
     def _forget(self, request_id):
         self._outstanding.discard(request_id)
         self._mailbox.pop(request_id, None)
@@ -208,7 +247,7 @@ class Client(object):
             self._forget(request_id)
             self.cancel(request_id)
             raise Timeout("no reply within the timeout (and {:.0f}s grace); the broker was "
-                          "asked to cancel the call".format(grace))
+                          "asked to cancel the request".format(grace))
         if now - self._last_heard > self.broker_timeout:
             self._forget(request_id)
             raise BrokerUnavailable(

@@ -42,6 +42,16 @@ def control_frames(op, request_id, **fields):
     return protocol.encode(header)
 
 
+def model_op_frames(op, request_id, model, timeout=None, priority=None):
+    """A memory operation on one daemon: load, unload, pin or unpin."""
+    fields = {"model": model}
+    if priority is not None:
+        fields["priority"] = priority
+    if timeout is not None:
+        fields["timeout"] = float(timeout)
+    return control_frames(op, request_id, **fields)
+
+
 def reply_value(header, payloads):
     return protocol.internalize(header.get("value"), payloads)
 

@@ -1,12 +1,13 @@
-"""The `modelhost` command line: up, setup, ps, call, say.
+"""The `modelhost` command line: up, setup, ps, call, say, load, unload, pin, unpin.
 
-Client commands (ps, call, say) need only pyzmq and msgpack. `up` and `setup`
-import the broker package lazily, as the layering rules allow.
+Client commands (all but up and setup) need only pyzmq and msgpack. `up` and
+`setup` import the broker package lazily, as the layering rules allow.
 """
 
 import argparse
 import json
 import sys
+import time
 import wave
 
 from . import protocol
@@ -82,6 +83,10 @@ def cmd_up(args):
 
 # --- ps ------------------------------------------------------------------------
 
+# Keep the table within this many columns for ordinary rows (the last error
+# may run past it); wider terminals can ask for every column with --wide.
+TABLE_WIDTH = 120
+
 
 def _duration(seconds):
     if seconds is None:
@@ -91,6 +96,16 @@ def _duration(seconds):
         return "{}s".format(seconds)
     if seconds < 7200:
         return "{}m".format(seconds // 60)
+    return "{}h{:02d}m".format(seconds // 3600, seconds % 3600 // 60)
+
+
+def _countdown(seconds):
+    """Time left, to the second while it is short: "42s", "4m10s", "2h05m"."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return "{}s".format(seconds)
+    if seconds < 3600:
+        return "{}m{:02d}s".format(seconds // 60, seconds % 60)
     return "{}h{:02d}m".format(seconds // 3600, seconds % 3600 // 60)
 
 
@@ -107,6 +122,9 @@ def format_table(rows, columns):
     return "\n".join(lines)
 
 
+_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+
+
 def _size(value):
     if value is None:
         return "-"
@@ -117,19 +135,142 @@ def _size(value):
         value /= 1024.0
 
 
+def _sizes_of(values, of):
+    """ "41.2 / 79.6 GiB": several sizes in the unit that suits `of`."""
+    for unit, factor in _UNITS:
+        if of >= factor:
+            break
+    else:
+        unit, factor = "B", 1
+    numbers = ["{:.0f}".format(v) if factor == 1 else "{:.1f}".format(v / float(factor))
+               for v in values]
+    return "{} {}".format(" / ".join(numbers), unit)
+
+
+def _short_size(value):
+    """A size in four or five characters, for the table: "512M", "2.3G", "12G", "-"."""
+    if value is None:
+        return "-"
+    if value < 1024:
+        return "{}B".format(int(value))
+    if value < 2**20:
+        return "{:.0f}K".format(value / 2.0**10)
+    if value < 2**30:
+        return "{:.0f}M".format(value / 2.0**20)
+    if value < 10 * 2**30:
+        return "{:.1f}G".format(value / 2.0**30)
+    return "{:.0f}G".format(value / 2.0**30)
+
+
+def _footprint(row, key):
+    """RESIDENT or PEAK: "declared/measured", "-" for what is unknown."""
+    footprint = row.get("footprint") or {}
+    declared = (footprint.get("declared") or {}).get(key)
+    measured = (footprint.get("measured") or {}).get(key)
+    if declared is None and measured is None:
+        return "-"
+    return "{}/{}".format(_short_size(declared), _short_size(measured))
+
+
+def _ttl(row):
+    if row.get("pinned"):
+        return "pinned"
+    if row.get("ttl_s") is None:
+        return "-"
+    return _countdown(row["ttl_s"])
+
+
+def _last_error(row):
+    return (row.get("last_error") or "").split("\n")[0][:80]
+
+
+# (header, cell of a row, shown by default); DEV shows by default where there
+# is more than one device to tell apart.
 PS_COLUMNS = [
-    ("NAME", lambda d: d["name"]),
-    ("STATE", lambda d: d["state"]),
-    ("PID", lambda d: str(d.get("pid") or "-")),
-    ("PYTHON", lambda d: d.get("python") or "-"),
-    ("UPTIME", lambda d: _duration(d.get("uptime_s"))),
-    ("MEM", lambda d: _size(d.get("memory_bytes"))),
-    ("QUEUE", lambda d: "{}/{}".format(d.get("queued", 0), d.get("max_queue", "-"))),
-    ("RUN", lambda d: "{}/{}".format(d.get("running", 0), d.get("concurrency", "-"))),
-    ("LOADS", lambda d: str(d.get("loads", 0))),
-    ("RESTARTS", lambda d: str(d.get("restarts", 0))),
-    ("LAST ERROR", lambda d: (d.get("last_error") or "").split("\n")[0][:80]),
+    ("NAME", lambda d: str(d.get("name", "?")), True),
+    ("STATE", lambda d: d.get("state") or "-", True),
+    ("TIER", lambda d: d.get("tier") or "-", True),
+    ("DEV", lambda d: d.get("device") or "-", False),
+    ("PID", lambda d: str(d.get("pid") or "-"), True),
+    ("PYTHON", lambda d: d.get("python") or "-", True),
+    ("UPTIME", lambda d: _duration(d.get("uptime_s")), False),
+    ("MEM", lambda d: _size(d.get("memory_bytes")), True),
+    ("RESIDENT", lambda d: _footprint(d, "resident"), True),
+    ("PEAK", lambda d: _footprint(d, "peak"), True),
+    ("TTL", _ttl, True),
+    ("RUN", lambda d: "{}/{}".format(d.get("running", 0), d.get("concurrency", "-")), True),
+    ("QUEUE", lambda d: "{}/{}".format(d.get("queued", 0), d.get("max_queue", "-")), True),
+    ("LOADS", lambda d: str(d.get("loads", 0)), False),
+    ("EVICTIONS", lambda d: str(d.get("evictions", 0)), False),
+    ("RESTARTS", lambda d: str(d.get("restarts", 0)), False),
+    ("LAST ERROR", _last_error, True),
 ]
+
+
+def _wrap(parts, width=TABLE_WIDTH, indent="    "):
+    """Join parts with ", ", starting a new (indented) line where one would overflow."""
+    lines = [parts[0]]
+    for part in parts[1:]:
+        if len(lines[-1]) + 2 + len(part) > width:
+            lines[-1] += ","
+            lines.append(indent + part)
+        else:
+            lines[-1] += ", " + part
+    return "\n".join(lines)
+
+
+def device_line(device, width=TABLE_WIDTH):
+    """One device: "gpu0 (NVIDIA H100): used 41.2 / 79.6 GiB, committed 38.0 GiB of threshold
+    71.6 GiB (90% of 79.6 GiB), external 1.1 GiB", from whatever fields the broker sent."""
+    device_id, name = device.get("id"), device.get("name") or "?"
+    label = name if not device_id or name.startswith(device_id) else "{} ({})".format(
+        device_id, name)
+    total = device.get("total") or 0
+    parts = []
+    if device.get("used") is not None:
+        parts.append("used " + _sizes_of([device["used"], total], total))
+    threshold = device.get("threshold")
+    if threshold is not None:
+        text = device.get("threshold_text")
+        budget = "threshold " + _size(threshold) + (
+            " ({})".format(text) if text and text != _size(threshold) else "")
+        if device.get("committed") is not None:
+            budget = "committed {} of {}".format(_size(device["committed"]), budget)
+        parts.append(budget)
+    elif device.get("free") is not None:
+        parts.append("free " + _size(device["free"]))  # a broker without thresholds
+    if device.get("external") is not None:
+        parts.append("external {}{}".format(_size(device["external"]), "" if device.get(
+            "external_counted", True) else " (not counted)"))
+    if not parts:
+        return label
+    return _wrap(["{}: {}".format(label, parts[0])] + parts[1:], width)
+
+
+def render_status(status, wide=False):
+    """What `modelhost ps` prints for a broker status (the value of a `ps` reply)."""
+    lines = []
+    broker = status.get("broker") or {}
+    lines.append("broker pid {} up {}, clients at {}".format(
+        broker.get("pid", "?"), _duration(broker.get("uptime_s")), broker.get("frontend", "?")))
+    memory = status.get("memory") or {}
+    devices = memory.get("devices") or []
+    if memory:
+        probe = "memory (probe: {})".format(memory.get("probe", "?"))
+        lines.append(probe + (": " + memory["reason"] if memory.get("reason") else ""))
+    for device in devices:
+        text = device_line(device, TABLE_WIDTH - 2)
+        lines.append("\n".join("  " + line for line in text.split("\n")))
+    rows = status.get("daemons") or []
+    used_devices = set(row.get("device") for row in rows if row.get("device"))
+    several = len(devices) > 1 or len(used_devices) > 1
+    columns = [(header, cell) for header, cell, default in PS_COLUMNS
+               if wide or default or (header == "DEV" and several)]
+    if rows:
+        lines.append(format_table(rows, columns))
+    else:
+        lines.append("no daemons configured")
+    return "\n".join(lines)
 
 
 def cmd_ps(args):
@@ -138,15 +279,54 @@ def cmd_ps(args):
     if args.json:
         print(json.dumps(status, indent=2, default=str))
         return 0
-    broker = status["broker"]
-    print("broker pid {} up {}, clients at {}".format(broker["pid"], _duration(broker["uptime_s"]),
-                                                    broker["frontend"]))
-    memory = status.get("memory") or {}
-    for device in memory.get("devices", []):
-        print("{}: {} used of {}, {} free (probe: {})".format(
-            device["name"], _size(device["used"]), _size(device["total"]), _size(device["free"]),
-            memory["probe"]))
-    print(format_table(status["daemons"], PS_COLUMNS))
+    print(render_status(status, wide=args.wide))
+    return 0
+
+
+# --- load, unload, pin, unpin ----------------------------------------------------
+
+
+def describe_row(row):
+    """Where a daemon stands: "resident on gpu0, 2.1 GiB"."""
+    text = row.get("tier") or row.get("state") or "?"
+    if row.get("device"):
+        text += " on " + row["device"]
+    if row.get("memory_bytes") is not None:
+        text += ", " + _size(row["memory_bytes"])
+    return text
+
+
+_DONE = {"load": "loaded", "unload": "unloaded", "pin": "pinned", "unpin": "unpinned"}
+
+
+def memory_op_line(verb, name, row, elapsed=None):
+    """The one line a memory verb prints: "tts: resident on gpu0, 2.1 GiB (loaded in 3.2s)"."""
+    name = row.get("name") or name
+    if verb in ("load", "unload"):
+        return "{}: {} ({} in {:.1f}s)".format(name, describe_row(row), _DONE[verb],
+                                               elapsed or 0.0)
+    line = "{}: {}, {}".format(name, _DONE[verb], describe_row(row))
+    if verb == "unpin" and row.get("idle_ttl_s") is not None:
+        line += ", unloads after {} idle".format(_countdown(row["idle_ttl_s"]))
+    return line
+
+
+def cmd_memory_op(args):
+    started = time.monotonic()
+    with Client(_endpoint(args)) as client:
+        if args.command == "load":
+            row = client.load(args.name, timeout=args.timeout, priority=args.priority)
+        elif args.command == "unload":
+            row = client.unload(args.name, timeout=args.timeout)
+        elif args.command == "pin":
+            row = client.pin(args.name)
+        else:
+            row = client.unpin(args.name)
+    row = row if isinstance(row, dict) else {}
+    if args.json:
+        print(json.dumps(row, indent=2, default=str))
+    else:
+        print(memory_op_line(args.command, args.name, row, time.monotonic() - started))
     return 0
 
 
@@ -300,7 +480,35 @@ def build_parser():
     ps = sub.add_parser("ps", help="list the daemons and their state")
     client_options(ps)
     ps.add_argument("--timeout", type=float, default=5.0)
+    ps.add_argument("-w", "--wide", action="store_true",
+                    help="every column: also device, uptime, loads, evictions, restarts")
     ps.set_defaults(handler=cmd_ps)
+
+    load = sub.add_parser("load", help="make a daemon resident (evicting idle ones if needed)")
+    client_options(load)
+    load.add_argument("name", metavar="NAME")
+    load.add_argument("--timeout", type=float,
+                      help="seconds to wait for room and the load (default: no limit)")
+    load.add_argument("--priority", default=protocol.Priority.NORMAL,
+                      choices=protocol.Priority.ALL)
+    load.set_defaults(handler=cmd_memory_op)
+
+    unload = sub.add_parser("unload", help="release a daemon's weights once its calls end")
+    client_options(unload)
+    unload.add_argument("name", metavar="NAME")
+    unload.add_argument("--timeout", type=float,
+                        help="seconds to wait for running calls (default: no limit)")
+    unload.set_defaults(handler=cmd_memory_op)
+
+    pin = sub.add_parser("pin", help="never evict a daemon (until unpin)")
+    client_options(pin)
+    pin.add_argument("name", metavar="NAME")
+    pin.set_defaults(handler=cmd_memory_op)
+
+    unpin = sub.add_parser("unpin", help="let a pinned daemon be evicted again")
+    client_options(unpin)
+    unpin.add_argument("name", metavar="NAME")
+    unpin.set_defaults(handler=cmd_memory_op)
 
     call = sub.add_parser("call", help="call METHOD of MODEL with key=value arguments")
     client_options(call)

@@ -14,6 +14,7 @@ class below, the message tells a person what to do next.
     |   +-- UnknownMethod             unknown_method
     |   +-- BadArguments              bad_arguments
     |   +-- PayloadTooLarge           payload_too_large
+    |   +-- InsufficientMemory        insufficient_memory: the daemon can never fit its device
     +-- OverCapacity                  over_capacity: the daemon's queue is full, retry later
     +-- Timeout                       timeout: the request's deadline passed
     +-- Cancelled                     cancelled: the request was cancelled
@@ -80,6 +81,13 @@ class BadArguments(RequestError):
 
 class PayloadTooLarge(RequestError):
     code = "payload_too_large"
+
+
+class InsufficientMemory(RequestError):
+    """The daemon's footprint (with a call's peak) exceeds its device's threshold even
+    with every other daemon evicted: waiting will not help, configuration will."""
+
+    code = "insufficient_memory"
 
 
 class OverCapacity(ModelhostError):

@@ -10,8 +10,8 @@ Every header carries `v`, the protocol version, and either `op` (a command)
 or `kind` (a reply). Peers check the version on every message, so a peer that
 reconnects after an upgrade gets a clear error instead of a misparse.
 
-Client -> broker (`op`):   call, cancel, ping, ps, supervisor
-Broker -> daemon (`op`):   call, cancel, heartbeat, reregister
+Client -> broker (`op`):   call, cancel, ping, ps, supervisor, load, unload, pin, unpin
+Broker -> daemon (`op`):   call, cancel, heartbeat, reregister, tier
 Daemon -> broker (`op`):   register, state, heartbeat
 Replies (`kind`):          partial, progress, result, error, cancelled, pong
 
@@ -46,6 +46,14 @@ REGISTER = "register"
 STATE = "state"
 HEARTBEAT = "heartbeat"
 REREGISTER = "reregister"
+# Memory operations a client asks of the broker; each is a request with one
+# terminal reply (load and unload answer once the daemon is at the tier).
+LOAD = "load"
+UNLOAD = "unload"
+PIN = "pin"
+UNPIN = "unpin"
+# Broker -> daemon: move to a memory tier ({"tier": Tier.*}).
+TIER = "tier"
 
 # Reply kinds.
 PARTIAL = "partial"
@@ -61,13 +69,27 @@ class DaemonState:
     """What `ps` shows for a daemon. Plain strings so they travel in msgpack."""
 
     STARTING = "starting"  # process launched (or expected), not registered yet
-    LOADING = "loading"  # registered, engine.load() running
+    LOADING = "loading"  # engine.load() running
     READY = "ready"  # loaded and idle
     BUSY = "busy"  # loaded and running calls up to its concurrency
+    OFFLOADING = "offloading"  # engine.offload() running
+    OFFLOADED = "offloaded"  # weights in host RAM, process alive
+    ONLOADING = "onloading"  # engine.onload() running
+    UNLOADING = "unloading"  # engine.unload() running
     UNLOADED = "unloaded"  # process alive, weights released
     FAILED = "failed"  # load failed; calls are refused with the load error
     CRASHED = "crashed"  # the process died; waiting for its restart
     STOPPED = "stopped"  # deliberately not running
+
+
+class Tier:
+    """Where a daemon's weights are, from most to least memory held on its device."""
+
+    RESIDENT = "resident"  # on the device, serving
+    OFFLOADED = "offloaded"  # in host RAM (engine offload()), back with onload()
+    UNLOADED = "unloaded"  # released (engine unload()), the process stays
+    STOPPED = "stopped"  # no process
+    ALL = (RESIDENT, OFFLOADED, UNLOADED, STOPPED)
 
 
 class Priority:

@@ -1,27 +1,42 @@
 """The engine interface: what a model author writes to be served by modelhost.
 
 An engine is a class built with its configured options as keyword arguments
-(cheap: nothing heavy in __init__), then:
+(cheap: nothing heavy in __init__), then moved between memory tiers by the
+runtime when the broker says so (the broker knows what else needs the device):
 
-- load()    weights to the device; called once when the daemon starts;
-- unload()  weights gone, memory freed; the process stays;
-- offload() / onload()  optional: weights to host RAM and back;
-- operations: methods marked with @operation, called as
-  `method(ctx, **arguments)`. An operation returns its result, or is a
-  generator: each yielded value is streamed to the client as a partial
-  chunk, and the generator's return value is the result.
+- load()     unloaded -> resident: weights to the device;
+- unload()   resident or offloaded -> unloaded: weights gone, memory freed;
+             the process stays, and a later load() must work again;
+- offload()  resident -> offloaded: weights to host RAM, device memory freed;
+- onload()   offloaded -> resident: weights back to the device they came from.
 
-The runtime owns sockets, heartbeats, cancellation and error replies; engine
-code holds no socket code.
+A daemon starts unloaded; nothing is loaded until the broker asks (for a
+call, or on `modelhost load NAME`). offload()/onload() are optional: the
+runtime offers the offloaded tier only when the class defines both (Engine
+has neither; modelhost.daemons.torch_tiers.TorchEngine has both for torch
+modules). After offload() and unload() the runtime collects garbage, empties
+torch's CUDA cache and trims the C heap, so an engine only drops its
+references. Operations run only at tier resident; a transition waits for the
+running calls and refuses new ones. A hook that raises leaves the daemon
+where it was (after a load that raised: state `failed`, until the next load
+request tries again); the broker decides what comes next.
 
-Threads: load() and unload() run on a lifecycle thread, each operation on
-the thread of the slot that received it (one per `concurrency`). Settings
-that a library keeps per thread (torch.set_num_threads on some builds,
-torch.cuda.set_device, CUDA streams) belong in the operation itself or in the
-daemon's environment (`env:` in the config, e.g. OMP_NUM_THREADS), not only
-in load(). Raise `BadArguments` for bad input (the client gets
-`bad_arguments`); any other exception becomes an `engine_error` reply and the
-daemon keeps serving.
+Operations: methods marked with @operation, called as
+`method(ctx, **arguments)`. An operation returns its result, or is a
+generator: each yielded value is streamed to the client as a partial
+chunk, and the generator's return value is the result.
+
+The runtime owns sockets, heartbeats, memory reports, cancellation and error
+replies; engine code holds no socket code.
+
+Threads: the tier hooks (load, unload, offload, onload) run one at a time on
+a lifecycle thread, each operation on the thread of the slot that received
+it (one per `concurrency`). Settings that a library keeps per thread
+(torch.set_num_threads on some builds, torch.cuda.set_device, CUDA streams)
+belong in the operation itself or in the daemon's environment (`env:` in the
+config, e.g. OMP_NUM_THREADS), not only in load(). Raise `BadArguments` for
+bad input (the client gets `bad_arguments`); any other exception becomes an
+`engine_error` reply and the daemon keeps serving.
 """
 
 from modelhost.errors import BadArguments, Cancelled  # noqa: F401 (re-exported for engines)
@@ -54,13 +69,13 @@ class Engine(object):
         self.options = options
 
     def load(self):
-        """Bring the weights to the device. Called on a worker thread."""
+        """Bring the weights to the device. Called on the lifecycle thread."""
 
     def unload(self):
-        """Release the weights and their memory."""
+        """Drop the weights (from the device or from host RAM after offload())."""
 
     # offload()/onload() are deliberately absent here: the runtime offers the
-    # host-RAM tier only for engines that define them.
+    # host-RAM tier only for engines that define both.
 
     def describe(self):
         """Extra facts for `modelhost ps` (library versions, device, ...)."""

@@ -9,7 +9,25 @@ Threads and sockets, and why:
   operation right there and sends its chunks and result on the same socket:
   no thread handoff on the hot path, and no socket shared between threads
   (ZeroMQ sockets are not thread-safe).
-- a lifecycle thread runs engine.load() and reports back over inproc.
+- a *lifecycle* thread moves the engine between memory tiers when the broker
+  says so ({"op": "tier"} on the control socket): load(), offload(),
+  onload(), unload(), one at a time in arrival order, and reports each start
+  and end over inproc to the main thread, which sends them as `state`
+  messages. The daemon starts unloaded: the broker decides when to load,
+  because it knows what else wants the device.
+
+Tiers and states: resident (READY: calls are served), offloaded (OFFLOADED),
+unloaded (UNLOADED, or FAILED after a failed load). While a transition runs
+the state is LOADING, ONLOADING, OFFLOADING or UNLOADING and calls are
+refused with daemon_unavailable; a downward transition first waits for the
+running calls to end. A failed offload/onload/unload leaves the daemon at
+its tier with `error` and `failed` (the target) set, so the broker can
+escalate, e.g. to stopping the process.
+
+Memory reports ("mem": rss, rss_peak, cuda, cuda_peak) travel with register,
+state and heartbeat messages; every terminal reply carries the call's peaks
+(rss_peak, cuda_peak), reset when a call starts with no other call running.
+They are the daemon's own view; the broker's probe has the last word.
 
 An operation may call ctx.progress()/ctx.partial() from threads of its own:
 sends on a slot socket are serialized by a lock, and the slot thread itself
@@ -18,10 +36,12 @@ only touches its socket between calls or under that lock.
 Runs on Python 3.7 with only pyzmq and msgpack.
 """
 
+import gc
 import importlib
 import inspect
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
@@ -104,6 +124,152 @@ def check_arguments(method, ctx, arguments):
                 method.__name__, name, expected.__name__, type(value).__name__))
 
 
+# --- memory, as this process sees it ----------------------------------------------
+
+
+def _cuda():
+    """torch.cuda when an engine has initialized CUDA, else None; never imports torch.
+
+    A daemon that does not use torch must not pay its import (seconds, and
+    memory) for a report; one that does has it in sys.modules already.
+    """
+    cuda = getattr(sys.modules.get("torch"), "cuda", None)  # None also while torch imports
+    try:
+        # is_initialized() first: it is the cheap check, and false on CPU daemons.
+        if cuda is not None and cuda.is_initialized() and cuda.is_available():
+            return cuda
+    except Exception:
+        pass
+    return None
+
+
+def _cuda_sum(read):
+    cuda = _cuda()
+    if cuda is None:
+        return None
+    try:
+        return sum(read(cuda, index) for index in range(cuda.device_count()))
+    except Exception:
+        return None
+
+
+def _open_proc(name, flags):
+    try:
+        return os.open("/proc/self/" + name, flags)
+    except OSError:
+        return None
+
+
+class MemoryMeter(object):
+    """Resident set, its high-water mark, and CUDA memory of this process, cheaply.
+
+    The /proc files stay open: a pread() on an open file costs a few
+    microseconds, an open() more than the read, and this runs on every call.
+    procfs regenerates the text on each read from offset 0.
+    """
+
+    def __init__(self):
+        self._statm = _open_proc("statm", os.O_RDONLY)
+        self._status = _open_proc("status", os.O_RDONLY)
+        self._clear_refs = _open_proc("clear_refs", os.O_WRONLY)
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self):
+        if self._statm is None:
+            return None
+        try:
+            return int(os.pread(self._statm, 256, 0).split()[1]) * self._page
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def rss_peak(self):
+        """VmHWM: the most this process had resident since the last reset_peaks()."""
+        if self._status is None:
+            return None
+        try:
+            text = os.pread(self._status, 4096, 0)
+            start = text.index(b"VmHWM:") + 6
+            return int(text[start:text.index(b"kB", start)]) * 1024
+        except (OSError, ValueError):
+            return None
+
+    def reset_peaks(self):
+        if self._clear_refs is not None:
+            try:
+                os.write(self._clear_refs, b"5")  # 5: reset VmHWM to the current RSS (Linux)
+            except OSError:
+                pass
+        cuda = _cuda()
+        if cuda is not None:
+            try:
+                for index in range(cuda.device_count()):
+                    cuda.reset_peak_memory_stats(index)
+            except Exception:
+                pass
+
+    def report(self):
+        """The "mem" map of register, state and heartbeat messages (bytes, None if unknown)."""
+        return {"rss": self.rss(), "rss_peak": self.rss_peak(),
+                "cuda": _cuda_sum(lambda cuda, index: cuda.memory_reserved(index)),
+                "cuda_peak": _cuda_sum(lambda cuda, index: cuda.max_memory_reserved(index))}
+
+    def call_peaks(self):
+        """The "mem" map of a terminal reply: peaks since the call (or its overlap) began."""
+        return {"rss_peak": self.rss_peak(),
+                "cuda_peak": _cuda_sum(lambda cuda, index: cuda.max_memory_reserved(index))}
+
+
+def release_memory():
+    """Hand what an offload or unload freed back to the OS, so the broker's probe sees it.
+
+    Cycles keep tensors alive until collected; torch's caching allocator keeps
+    freed blocks reserved on the device; glibc keeps freed heap below the mmap
+    threshold mapped. Each step is best effort.
+    """
+    gc.collect()
+    cuda = _cuda()
+    if cuda is not None:
+        try:
+            cuda.empty_cache()
+        except Exception as exc:
+            log.warning("torch.cuda.empty_cache() failed: %s", exc)
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own libc; absent on musl
+    except (ImportError, OSError, AttributeError):
+        pass
+
+
+# --- tiers -------------------------------------------------------------------------
+
+Tier = protocol.Tier
+State = protocol.DaemonState
+
+# (from tier, to tier) -> (engine method, state while it runs)
+_STEPS = {
+    (Tier.UNLOADED, Tier.RESIDENT): ("load", State.LOADING),
+    (Tier.OFFLOADED, Tier.RESIDENT): ("onload", State.ONLOADING),
+    (Tier.RESIDENT, Tier.OFFLOADED): ("offload", State.OFFLOADING),
+    (Tier.RESIDENT, Tier.UNLOADED): ("unload", State.UNLOADING),
+    (Tier.OFFLOADED, Tier.UNLOADED): ("unload", State.UNLOADING),
+}
+_DOWNWARD = ("offload", "unload")
+_STATE_AT = {Tier.RESIDENT: State.READY, Tier.OFFLOADED: State.OFFLOADED,
+             Tier.UNLOADED: State.UNLOADED}
+
+
+def can_offload(engine):
+    """Whether the engine's class defines both offload() and onload() (Engine has neither)."""
+    return all(callable(getattr(type(engine), name, None)) for name in ("offload", "onload"))
+
+
+def tiers_of(engine):
+    """The tiers a daemon can be asked for, most memory first."""
+    if engine is not None and can_offload(engine):
+        return [Tier.RESIDENT, Tier.OFFLOADED, Tier.UNLOADED]
+    return [Tier.RESIDENT, Tier.UNLOADED]
+
+
 def _identity(name, role):
     # Explicit identities: a restarted broker can route to slots it never saw
     # register, and the replies of calls that outlived the old broker.
@@ -174,9 +340,12 @@ class Slot(object):
         ctx.slot = self.index
         key = (client, request_id)
         with runtime.running_lock:
+            # Peaks are per call only for a call that runs alone; one that
+            # overlaps others shares their peaks.
+            alone = not runtime.running
             runtime.running[key] = ctx
         try:
-            frames = self._outcome(ctx, header, payloads, base)
+            frames = self._outcome(ctx, header, payloads, base, alone)
         finally:
             with runtime.running_lock:
                 runtime.running.pop(key, None)
@@ -184,14 +353,19 @@ class Slot(object):
             finished[0] = True
             protocol.send(self.socket, frames)
 
-    def _outcome(self, ctx, header, payloads, base):
-        """The terminal reply's frames; engine exceptions never escape."""
+    def _outcome(self, ctx, header, payloads, base, alone):
+        """The terminal reply's frames, with the call's memory peaks; engine exceptions never escape."""
         runtime = self.runtime
+        memory = runtime.memory
         try:
+            # READY only at tier resident; a transition sets another state
+            # before it waits for the running calls, so none starts under it.
             if runtime.state != protocol.DaemonState.READY:
                 raise error_from_wire(
                     "daemon_unavailable", "daemon {} is {}{}".format(
                         runtime.name, runtime.state, ": " + runtime.error if runtime.error else ""))
+            if alone:
+                memory.reset_peaks()
             method = runtime.operations.get(header.get("method"))
             if method is None:
                 raise error_from_wire(
@@ -203,17 +377,18 @@ class Slot(object):
             outcome = method(ctx, **arguments)
             if inspect.isgenerator(outcome):
                 outcome = self._drain(ctx, outcome)
-            return protocol.encode_value_message(dict(base, kind=protocol.RESULT), "value",
-                                                 outcome)
+            return protocol.encode_value_message(
+                dict(base, kind=protocol.RESULT, mem=memory.call_peaks()), "value", outcome)
         except Cancelled as exc:
-            return protocol.encode(dict(base, kind=protocol.CANCELLED, message=exc.message))
+            return protocol.encode(dict(base, kind=protocol.CANCELLED, message=exc.message,
+                                        mem=memory.call_peaks()))
         except ModelhostError as exc:
-            return protocol.encode(dict(base, **protocol.error_header(
+            return protocol.encode(dict(base, mem=memory.call_peaks(), **protocol.error_header(
                 ctx.request_id, exc.code, exc.message, exc.details)))
         except Exception as exc:
             log.error("rid=%s %s raised %s: %s\n%s", ctx.request_id, ctx.method,
                       type(exc).__name__, exc, traceback.format_exc())
-            return protocol.encode(dict(base, **protocol.error_header(
+            return protocol.encode(dict(base, mem=memory.call_peaks(), **protocol.error_header(
                 ctx.request_id, "engine_error",
                 "{} raised {}: {}".format(ctx.method, type(exc).__name__, exc),
                 {"type": type(exc).__name__})))
@@ -242,12 +417,20 @@ class Runtime(object):
         self.parent_pid = spec.get("parent_pid")
         self.started = time.monotonic()
         self.operations = operations_of(engine) if engine is not None else {}
+        self.tiers = tiers_of(engine)
+        # state, tier and error change on the lifecycle thread only.
+        self.tier = Tier.UNLOADED
         if engine_error is not None:
-            self.state, self.error = protocol.DaemonState.FAILED, engine_error
+            self.state, self.error = State.FAILED, engine_error
         else:
-            self.state, self.error = protocol.DaemonState.LOADING, None
+            self.state, self.error = State.UNLOADED, None
         self.loads = 0
         self.facts = {}
+        self.memory = MemoryMeter()
+        # Target tiers from the broker, served in arrival order by one thread.
+        self.transitions = queue.Queue()
+        # Held through each transition, so that shutdown never unloads under one.
+        self.lifecycle_lock = threading.Lock()
         # (client, request id) -> CallContext, for cancellation and re-registration.
         self.running = {}
         self.running_lock = threading.Lock()
@@ -255,20 +438,98 @@ class Runtime(object):
         self.context = zmq.Context.instance()
         self.slots = [Slot(self, index) for index in range(int(spec.get("concurrency", 1)))]
 
-    def _load(self):
-        """engine.load() off the main thread; the outcome goes back over inproc."""
+    # --- lifecycle thread: tier transitions ---------------------------------
+
+    def _lifecycle(self):
+        """Run the transitions the broker asks for; their reports go back over inproc."""
         push = self.context.socket(zmq.PUSH)
         push.connect(_LIFECYCLE_ENDPOINT)
+
+        def report(message):
+            push.send(protocol.encode(message)[0])
+
         try:
-            self.engine.load()
-            self.loads += 1
-            update = {"state": protocol.DaemonState.READY, "facts": self.engine.describe() or {}}
+            while True:
+                target = self.transitions.get()
+                with self.lifecycle_lock:
+                    if self.stopping:
+                        break
+                    report(self._transition(target, report))
+        finally:
+            push.close(linger=1000)
+
+    def _state_message(self, took_s=None, failed=None):
+        return {"op": protocol.STATE, "state": self.state, "tier": self.tier, "took_s": took_s,
+                "mem": self.memory.report(), "loads": self.loads, "facts": self.facts,
+                "error": self.error, "failed": failed}
+
+    def _transition(self, target, report):
+        """Move the engine to tier `target`; returns the final state message."""
+        started = time.monotonic()
+        current = self.tier
+        if target == current:
+            return self._state_message(took_s=0.0)
+        step, moving = _STEPS.get((current, target), (None, None))
+        try:
+            if self.engine is None:
+                raise RuntimeError(self.error)  # the engine could not even be created
+            if step is None:
+                raise ValueError("no move from tier {} to {!r}; the daemon moves between {}".format(
+                    current, target, ", ".join(self.tiers)))
+            if step in ("offload", "onload") and not can_offload(self.engine):
+                raise NotImplementedError("engine {} has no offload()/onload(); its tiers are "
+                                          "{}".format(self.spec.get("engine"),
+                                                      ", ".join(self.tiers)))
         except Exception as exc:
-            log.error("load failed: %s\n%s", exc, traceback.format_exc())
-            update = {"state": protocol.DaemonState.FAILED,
-                      "error": "load failed: {}: {}".format(type(exc).__name__, exc)}
-        push.send(protocol.encode(update)[0])
-        push.close(linger=1000)
+            return self._failed(step or "tier", target, exc, started)
+
+        with self.running_lock:
+            # From here on calls are refused; the ones already running are
+            # waited for before weights move away under them.
+            self.state, self.error = moving, None
+        report(self._state_message())
+        log.info("%s: %s -> %s", step, current, target)
+        if step in _DOWNWARD:
+            self._wait_idle()
+        try:
+            getattr(self.engine, step)()
+        except Exception as exc:
+            log.error("%s failed: %s\n%s", step, exc, traceback.format_exc())
+            return self._failed(step, target, exc, started)
+        if step == "load":
+            self.loads += 1
+            try:
+                self.facts = self.engine.describe() or {}
+            except Exception as exc:
+                log.warning("describe() failed: %s", exc)
+        if step in _DOWNWARD:
+            try:
+                release_memory()
+            except Exception as exc:
+                log.warning("releasing memory after %s failed: %s", step, exc)
+        self.tier, self.state = target, _STATE_AT[target]
+        return self._state_message(took_s=time.monotonic() - started)
+
+    def _failed(self, step, target, exc, started):
+        self.error = "{} failed: {}: {}".format(step, type(exc).__name__, exc)
+        failed = target
+        if step == "load":
+            # A load that raised leaves the weights in an unknown state; FAILED
+            # shows why, and a later {"tier": "resident"} tries again.
+            self.state, self.tier, failed = State.FAILED, Tier.UNLOADED, None
+        elif self.state != State.FAILED:
+            self.state = _STATE_AT[self.tier]
+        log.error("%s", self.error)
+        return self._state_message(took_s=time.monotonic() - started, failed=failed)
+
+    def _wait_idle(self):
+        # The broker does not move a busy daemon down; this covers a call
+        # that was dispatched just before the command.
+        while True:
+            with self.running_lock:
+                if not self.running:
+                    return
+            time.sleep(0.01)
 
     # --- main thread: the control socket ------------------------------------
 
@@ -289,6 +550,9 @@ class Runtime(object):
             "methods": sorted(self.operations),
             "slots": [slot.identity for slot in self.slots],
             "state": self.state,
+            "tier": self.tier,
+            "tiers": self.tiers,
+            "mem": self.memory.report(),
             "error": self.error,
             "facts": self.facts,
             "loads": self.loads,
@@ -308,6 +572,9 @@ class Runtime(object):
                 ctx = self.running.get((header.get("client"), header.get("id")))
             if ctx is not None:
                 ctx.cancel()
+        elif op == protocol.TIER:
+            log.info("the broker asked for tier %s", header.get("tier"))
+            self.transitions.put(header.get("tier"))
         elif op == protocol.REREGISTER:
             log.info("the broker asked this daemon to register again")
             self._register()
@@ -315,13 +582,11 @@ class Runtime(object):
             log.warning("ignored unknown command %r from the broker", op)
 
     def _on_lifecycle(self, frame):
-        update = protocol.decode_header(frame)
-        self.state = update["state"]
-        self.error = update.get("error")
-        self.facts = update.get("facts", self.facts)
-        log.info("state %s%s", self.state, ": " + self.error if self.error else "")
-        self._send({"op": protocol.STATE, "state": self.state, "error": self.error,
-                    "facts": self.facts, "loads": self.loads})
+        message = protocol.decode_header(frame)
+        message.pop("v", None)
+        log.info("state %s, tier %s%s", message["state"], message["tier"],
+                 ": " + message["error"] if message.get("error") else "")
+        self._send(message)
 
     def _parent_gone(self):
         return self.parent_pid is not None and os.getppid() != self.parent_pid
@@ -339,8 +604,7 @@ class Runtime(object):
         for slot in self.slots:
             slot.connect(self.context, self.spec["backend"])
             slot.thread.start()
-        if self.state == protocol.DaemonState.LOADING:
-            threading.Thread(target=self._load, daemon=True).start()
+        threading.Thread(target=self._lifecycle, name="lifecycle", daemon=True).start()
 
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
@@ -353,7 +617,8 @@ class Runtime(object):
             timeout_ms = max(0, (next_heartbeat - time.monotonic()) * 1000)
             events = dict(poller.poll(timeout_ms))
             if lifecycle in events:
-                self._on_lifecycle(lifecycle.recv())
+                while protocol.readable(lifecycle):
+                    self._on_lifecycle(lifecycle.recv())
             if self.control in events:
                 while protocol.readable(self.control):
                     frames = protocol.recv(self.control)
@@ -382,7 +647,7 @@ class Runtime(object):
                     with self.running_lock:
                         running = len(self.running)
                     self._send({"op": protocol.HEARTBEAT, "state": self.state,
-                                "running": running})
+                                "running": running, "mem": self.memory.report()})
         self._shutdown()
         return 0
 
@@ -391,14 +656,22 @@ class Runtime(object):
 
     def _shutdown(self):
         self.stopping = True
+        self.transitions.put(None)  # wakes the lifecycle thread, which sees `stopping`
         with self.running_lock:
             for ctx in self.running.values():
                 ctx.cancel()
         for slot in self.slots:
             slot.thread.join(2.0)
-        if self.engine is not None and self.state == protocol.DaemonState.READY:
+        # Not waiting out a transition in flight (a load may take minutes);
+        # the process exit frees its memory anyway.
+        if not self.lifecycle_lock.acquire(False):
+            log.warning("exiting during %s; the engine is not unloaded first", self.state)
+        else:
             try:
-                self.engine.unload()
+                if self.engine is not None and self.tier in (Tier.RESIDENT, Tier.OFFLOADED):
+                    self.engine.unload()
             except Exception as exc:
                 log.warning("unload at exit failed: %s", exc)
+            finally:
+                self.lifecycle_lock.release()
         log.info("stopped")

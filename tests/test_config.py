@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from modelhost.broker.config import (
-    BrokerConfig, Config, ConfigError, DaemonConfig, RestartPolicy, daemon_spec,
-    default_config_path, find_base_interpreter, interpreter_for, load_config, parse_config,
-    parse_size,
+    BrokerConfig, Config, ConfigError, DaemonConfig, DeviceLimit, MemoryConfig, RestartPolicy,
+    daemon_spec, default_config_path, find_base_interpreter, format_size, interpreter_for,
+    load_config, parse_config, parse_size,
 )
 
 MINIMAL = """\
@@ -245,7 +245,8 @@ def test_unknown_key_with_suggestion():
         "config.yaml:5: daemons.espeak.concurency: unknown key; did you mean 'concurrency'?",
         "config.yaml:6: daemons.espeak.colour: unknown key (expected one of: engine, python, "
         "venv, requirements, options, pythonpath, env, concurrency, max_queue, max_payload, "
-        "ready_timeout_s, stop_timeout_s, restart, autostart)",
+        "ready_timeout_s, stop_timeout_s, restart, autostart, memory, device, pin, "
+        "idle_ttl_s, preload)",
     ]
 
 
@@ -556,3 +557,320 @@ def test_config_is_frozen():
     assert isinstance(config, Config)
     with pytest.raises(AttributeError):
         config.broker.liveness = 9
+
+
+# --- memory: the broker's section ------------------------------------------------------
+
+GiB = 2**30
+
+
+def memory_of(section):
+    """The MemoryConfig of a broker.memory section given as YAML lines under `memory:`."""
+    text = "broker:\n  memory:\n" + textwrap.indent(textwrap.dedent(section), "    ") + MINIMAL
+    return parse_config(text).broker.memory
+
+
+def memory_errors(section):
+    text = "broker:\n  memory:\n" + textwrap.indent(textwrap.dedent(section), "    ") + MINIMAL
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    return info.value.errors
+
+
+def test_memory_defaults():
+    memory = parse(MINIMAL).broker.memory
+    assert memory == MemoryConfig()
+    assert memory.probe == "auto"
+    assert memory.default == DeviceLimit(threshold_fraction=0.9, threshold_bytes=None,
+                                         external="count")
+    assert memory.devices == {}
+    assert (memory.sample_s, memory.aging_s, memory.max_skips, memory.priority_window_s) == (
+        0.2, 30.0, 4, 60.0)
+    assert memory.limit_for("gpu0") is memory.default
+    assert memory.limit_for("host") is memory.default
+
+
+def test_memory_all_keys():
+    memory = memory_of("""\
+        probe: nvml
+        threshold: 0.8
+        external: ignore
+        devices:
+          gpu0: {threshold: 70GiB, external: count}
+          gpu1: {external: count}
+          gpu12: {threshold: 0.5}
+          host: 2GiB
+        sample_s: 0.5
+        aging_s: 10
+        max_skips: 0
+        priority_window_s: 0
+        """)
+    assert memory == MemoryConfig(
+        probe="nvml",
+        default=DeviceLimit(threshold_fraction=0.8, external="ignore"),
+        devices={
+            "gpu0": DeviceLimit(threshold_fraction=None, threshold_bytes=70 * GiB,
+                                external="count"),
+            # What an override leaves out comes from the section's defaults.
+            "gpu1": DeviceLimit(threshold_fraction=0.8, external="count"),
+            "gpu12": DeviceLimit(threshold_fraction=0.5, external="ignore"),
+            "host": DeviceLimit(threshold_fraction=None, threshold_bytes=2 * GiB,
+                                external="ignore"),
+        },
+        sample_s=0.5, aging_s=10.0, max_skips=0, priority_window_s=0.0)
+    assert memory.limit_for("gpu0").threshold_bytes == 70 * GiB
+    assert memory.limit_for("gpu3") == DeviceLimit(threshold_fraction=0.8, external="ignore")
+
+
+def test_memory_size_threshold_as_default():
+    memory = memory_of("threshold: 512MiB\ndevices: {gpu0: 0.75}\n")
+    assert memory.default == DeviceLimit(threshold_fraction=None, threshold_bytes=512 * 2**20)
+    assert memory.devices["gpu0"] == DeviceLimit(threshold_fraction=0.75)
+
+
+@pytest.mark.parametrize("written, fraction, size", [
+    ("0.9", 0.9, None),
+    ("1", 1.0, None),
+    ("1.0", 1.0, None),
+    ("0.05", 0.05, None),
+    ("'0.5'", 0.5, None),
+    ("'90%'", 0.9, None),
+    ("'100%'", 1.0, None),
+    ("12.5%", 0.125, None),
+    ("70GiB", None, 70 * GiB),
+    ("'1.5 GB'", None, 1_500_000_000),
+    ("512m", None, 512 * 2**20),
+    ("75161927680", None, 75161927680),  # a plain number above 100 is bytes
+])
+def test_threshold_forms(written, fraction, size):
+    limit = memory_of(f"threshold: {written}\n").default
+    assert (limit.threshold_fraction, limit.threshold_bytes) == (fraction, size)
+
+
+@pytest.mark.parametrize("written, problem", [
+    ("0", "expected a fraction of the device's memory in (0, 1] like 0.9, or a size like "
+          "\"70GiB\", got 0"),
+    ("-0.5", "expected a fraction of the device's memory in (0, 1] like 0.9, or a size like "
+             "\"70GiB\", got -0.5"),
+    ("1.5", "expected a fraction of the device's memory in (0, 1] like 0.9, or a size like "
+            "\"70GiB\", got 1.5; for 1.5% write 0.015 or \"1.5%\""),
+    ("90", "expected a fraction of the device's memory in (0, 1] like 0.9, or a size like "
+           "\"70GiB\", got 90; for 90% write 0.9 or \"90%\""),
+    (".nan", "expected a fraction of the device's memory in (0, 1] like 0.9, or a size like "
+             "\"70GiB\", got .nan"),
+    ("lots", "expected a fraction of the device's memory in (0, 1] like 0.9, or a size like "
+             "\"70GiB\", got 'lots'"),
+    ("true", "expected a fraction of the device's memory in (0, 1] like 0.9, or a size like "
+             "\"70GiB\", got true"),
+    ("[1]", "expected a fraction of the device's memory in (0, 1] like 0.9, or a size like "
+            "\"70GiB\", got a list"),
+    ("", "expected a fraction of the device's memory in (0, 1] like 0.9, or a size like "
+         "\"70GiB\", got nothing (null)"),
+    ("0GiB", "expected a positive size, got '0GiB'"),
+    ("'120%'", "expected a percentage above 0% and up to 100%, got '120%'"),
+    ("'0%'", "expected a percentage above 0% and up to 100%, got '0%'"),
+    ("'x%'", "expected a percentage above 0% and up to 100%, got 'x%'"),
+])
+def test_bad_threshold(written, problem):
+    assert memory_errors(f"sample_s: 1\nthreshold: {written}\n") == [
+        f"<string>:4: broker.memory.threshold: {problem}"]
+
+
+def test_bad_memory_values_each_with_its_line():
+    assert memory_errors("""\
+        probe: nvlm
+        external: counted
+        devices:
+          cuda0: 0.5
+          gpu0: {threshold: 2, extrnal: ignore}
+          gpu1: {external: never}
+          host: [1]
+          gpu2: {}
+        sample_s: 0
+        aging_s: -1
+        max_skips: -1
+        priority_window_s: -1
+        thresold: 0.5
+        """) == [
+        "<string>:3: broker.memory.probe: expected one of auto, nvml, host, got 'nvlm'; "
+        "did you mean 'nvml'?",
+        "<string>:4: broker.memory.external: expected one of count, ignore, got 'counted'; "
+        "did you mean 'count'?",
+        "<string>:6: broker.memory.devices.cuda0: unknown device id: expected gpu0, gpu1, ... "
+        "(as the NVML probe numbers them) or host",
+        "<string>:7: broker.memory.devices.gpu0.extrnal: unknown key; did you mean 'external'?",
+        "<string>:7: broker.memory.devices.gpu0.threshold: expected a fraction of the device's "
+        "memory in (0, 1] like 0.9, or a size like \"70GiB\", got 2; for 2% write 0.02 or \"2%\"",
+        "<string>:8: broker.memory.devices.gpu1.external: expected one of count, ignore, "
+        "got 'never'",
+        "<string>:9: broker.memory.devices.host: expected a fraction of the device's memory in "
+        "(0, 1] like 0.9, or a size like \"70GiB\", got a list",
+        "<string>:11: broker.memory.sample_s: expected a positive number of seconds, got 0",
+        "<string>:12: broker.memory.aging_s: expected a positive number of seconds, got -1",
+        "<string>:13: broker.memory.max_skips: expected an integer >= 0, got -1",
+        "<string>:14: broker.memory.priority_window_s: expected a number of seconds >= 0, "
+        "got -1",
+        "<string>:15: broker.memory.thresold: unknown key; did you mean 'threshold'?",
+    ]
+
+
+def test_memory_section_must_be_a_mapping():
+    assert errors("broker:\n  memory: 0.9\n" + MINIMAL) == [
+        "<string>:2: broker.memory: expected a mapping, got 0.9"]
+    assert errors("broker:\n  memory:\n    devices: [gpu0]\n" + MINIMAL) == [
+        "<string>:3: broker.memory.devices: expected a mapping, got a list"]
+
+
+def test_unknown_broker_key_suggests_memory():
+    assert errors("broker:\n  memroy: {}\n" + MINIMAL) == [
+        "<string>:2: broker.memroy: unknown key; did you mean 'memory'?"]
+
+
+# --- memory: DeviceLimit and sizes for people ----------------------------------------
+
+def test_budget_of_a_fraction_is_floored():
+    assert DeviceLimit(threshold_fraction=0.9).budget(80 * GiB) == int(0.9 * 80 * GiB)
+    assert DeviceLimit(threshold_fraction=0.5).budget(3) == 1
+    assert DeviceLimit(threshold_fraction=1.0).budget(12345) == 12345
+    assert DeviceLimit().budget(0) == 0
+
+
+def test_budget_of_a_size_is_the_size_even_above_the_total():
+    limit = DeviceLimit(threshold_fraction=None, threshold_bytes=70 * GiB)
+    assert limit.budget(80 * GiB) == 70 * GiB
+    assert limit.budget(16 * GiB) == 70 * GiB  # the device's own capacity bounds it then
+
+
+def test_describe():
+    h100 = 85520809984  # what NVML reports for an H100 80GB: 79.6 GiB
+    assert DeviceLimit().describe(h100) == "90% of 79.6 GiB"
+    assert DeviceLimit().describe() == "90%"
+    assert DeviceLimit(threshold_fraction=0.125).describe(8 * GiB) == "12.5% of 8.0 GiB"
+    assert DeviceLimit(threshold_fraction=1 / 3).describe() == "33.33%"
+    assert DeviceLimit(threshold_fraction=None, threshold_bytes=2 * GiB).describe(h100) == \
+        "2.0 GiB"
+    assert DeviceLimit(threshold_fraction=None, threshold_bytes=512 * 2**20).describe() == \
+        "512.0 MiB"
+
+
+@pytest.mark.parametrize("n, text", [
+    (0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"),
+    (512 * 2**20, "512.0 MiB"), (2 * GiB, "2.0 GiB"), (85520809984, "79.6 GiB"),
+    (2048 * GiB, "2048.0 GiB"),
+])
+def test_format_size(n, text):
+    assert format_size(n) == text
+
+
+# --- memory: each daemon's keys --------------------------------------------------------
+
+def test_daemon_memory_defaults():
+    daemon = parse(MINIMAL).daemons["espeak"]
+    assert (daemon.declared_resident, daemon.declared_peak) == (None, None)
+    assert (daemon.device, daemon.pin, daemon.idle_ttl_s, daemon.preload) == (
+        None, False, None, True)
+
+
+def test_daemon_memory_keys():
+    config = parse("""\
+        daemons:
+          tts:
+            engine: a.b:C
+            python: "3.12"
+            memory: {resident: 2GiB, peak: 512MiB}
+            device: gpu1
+            idle_ttl_s: 600
+            preload: false
+          chat:
+            engine: a.b:C
+            python: "3.12"
+            memory: {peak: 0}
+            device: host
+            pin: true
+          other:
+            engine: a.b:C
+            python: "3.12"
+            memory: {}
+            pin: false
+            idle_ttl_s: 0.5
+          nothing:
+            engine: a.b:C
+            python: "3.12"
+            idle_ttl_s: null
+        """)
+    tts, chat, other, nothing = (config.daemons[n] for n in ("tts", "chat", "other", "nothing"))
+    assert (tts.declared_resident, tts.declared_peak) == (2 * GiB, 512 * 2**20)
+    assert (tts.device, tts.pin, tts.idle_ttl_s, tts.preload) == ("gpu1", False, 600.0, False)
+    assert (chat.declared_resident, chat.declared_peak) == (None, 0)
+    assert (chat.device, chat.pin, chat.idle_ttl_s, chat.preload) == ("host", True, None, True)
+    assert (other.declared_resident, other.declared_peak) == (None, None)
+    assert (other.pin, other.idle_ttl_s) == (False, 0.5)
+    assert nothing.idle_ttl_s is None
+
+
+def test_bad_daemon_memory_values_each_with_its_line():
+    assert errors(MINIMAL + """\
+    memory: {resident: lots, peek: 1GiB}
+    device: cuda:0
+    pin: "yes"
+    idle_ttl_s: 0
+    preload: 1
+  other:
+    engine: a.b:C
+    python: "3.12"
+    memory: 2GiB
+    device: gpu
+    idle_ttl_s: forever
+  third:
+    engine: a.b:C
+    python: "3.12"
+    memory: {resident: -1, peak: 1.5}
+""") == [
+        "<string>:5: daemons.espeak.memory.peek: unknown key; did you mean 'peak'?",
+        "<string>:5: daemons.espeak.memory.resident: expected a size in bytes, like 1048576, "
+        "\"256MiB\" or \"1.5 GB\", got 'lots'",
+        "<string>:6: daemons.espeak.device: expected a device id: gpu0, gpu1, ... (as the NVML "
+        "probe numbers them) or host, got 'cuda:0'",
+        "<string>:7: daemons.espeak.pin: expected true or false, got 'yes'",
+        "<string>:8: daemons.espeak.idle_ttl_s: expected a positive number of seconds, got 0",
+        "<string>:9: daemons.espeak.preload: expected true or false, got 1",
+        "<string>:13: daemons.other.memory: expected a mapping, got '2GiB'",
+        "<string>:14: daemons.other.device: expected a device id: gpu0, gpu1, ... (as the NVML "
+        "probe numbers them) or host, got 'gpu'",
+        "<string>:15: daemons.other.idle_ttl_s: expected a positive number of seconds, "
+        "got 'forever'",
+        "<string>:19: daemons.third.memory.resident: expected a size >= 0, got -1",
+        "<string>:19: daemons.third.memory.peak: expected a size in bytes, like 1048576, "
+        "\"256MiB\" or \"1.5 GB\", got 1.5",
+    ]
+
+
+def test_pinned_daemon_cannot_have_an_idle_ttl():
+    assert errors(MINIMAL + "    pin: true\n    idle_ttl_s: 600\n") == [
+        "<string>:6: daemons.espeak.idle_ttl_s: a pinned daemon is never unloaded (pin: true "
+        "at line 5), so an idle TTL cannot apply; remove one of the two"]
+    # Unpinned, or a TTL of none, is fine.
+    assert parse(MINIMAL + "    pin: false\n    idle_ttl_s: 600\n").daemons["espeak"].pin is False
+    assert parse(MINIMAL + "    pin: true\n    idle_ttl_s: null\n").daemons["espeak"].pin is True
+
+
+def test_memory_errors_come_with_the_rest_in_file_order():
+    assert errors("""\
+        broker:
+          liveness: 0
+          memory:
+            threshold: 90
+        daemons:
+          espeak:
+            engine: a.b:C
+            python: "3.12"
+            concurrency: 0
+            memory: {resident: 1x}
+        """) == [
+        "<string>:2: broker.liveness: expected a positive integer, got 0",
+        "<string>:4: broker.memory.threshold: expected a fraction of the device's memory in "
+        "(0, 1] like 0.9, or a size like \"70GiB\", got 90; for 90% write 0.9 or \"90%\"",
+        "<string>:9: daemons.espeak.concurrency: expected a positive integer, got 0",
+        "<string>:10: daemons.espeak.memory.resident: expected a size in bytes, like 1048576, "
+        "\"256MiB\" or \"1.5 GB\", got '1x'",
+    ]

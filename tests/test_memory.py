@@ -79,16 +79,16 @@ class FakeNvml:
 
 
 def test_without_a_driver_the_host_probe_is_chosen_and_says_why():
-    probe = choose_probe(FakeNvml(init_error="NVML Shared Library Not Found"))
+    probe = choose_probe(nvml=FakeNvml(init_error="NVML Shared Library Not Found"))
     assert probe.kind == "host"
     assert "NVML is not available (NVML Shared Library Not Found)" in probe.reason
-    assert choose_probe(FakeNvml(gpus=[])).reason.startswith("NVML found no GPU")
+    assert choose_probe(nvml=FakeNvml(gpus=[])).reason.startswith("NVML found no GPU")
 
 
 def test_nvml_probe_reads_each_gpu_and_sums_a_pid_across_gpus():
     nvml = FakeNvml(gpus=[("H100", 80 * 2**30, 30 * 2**30, [(11, 10 * 2**30), (12, 5 * 2**30)]),
                           ("H100", 80 * 2**30, 8 * 2**30, [(11, 2 * 2**30), (99, 1)])])
-    probe = choose_probe(nvml)
+    probe = choose_probe(nvml=nvml)
     assert probe.kind == "nvml" and probe.reason == "NVML found 2 GPUs"
     reading = probe.read([11, 12])
     assert [d.name for d in reading.devices] == ["gpu0 (H100)", "gpu1 (H100)"]

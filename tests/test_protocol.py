@@ -327,6 +327,7 @@ WIRE_CODES = {
     "bad_arguments": errors.BadArguments,
     "payload_too_large": errors.PayloadTooLarge,
     "over_capacity": errors.OverCapacity,
+    "insufficient_memory": errors.InsufficientMemory,
     "timeout": errors.Timeout,
     "cancelled": errors.Cancelled,
     "daemon_crashed": errors.DaemonCrashed,

@@ -1,15 +1,17 @@
-"""Unit tests of the daemon runtime's pure parts: check_arguments, operations_of, import_engine.
+"""Unit tests of the daemon runtime's pure parts: check_arguments, operations_of, import_engine,
+the tiers an engine offers and the memory meter.
 
 No sockets and no threads: these run in-process against small engines defined here.
 """
 
 import sys
 import textwrap
+import types
 
 import pytest
 
 from modelhost.daemons.engine import CallContext, Engine, operation, operations_of
-from modelhost.daemons.runtime import check_arguments, import_engine
+from modelhost.daemons.runtime import MemoryMeter, check_arguments, import_engine, tiers_of
 from modelhost.errors import BadArguments
 
 
@@ -260,3 +262,104 @@ def test_import_engine_without_a_class_name_is_an_import_error(engine_module):
     # The config rejects such a reference first; the runtime still fails cleanly.
     with pytest.raises(ImportError):
         import_engine(engine_module)
+
+
+# --- tiers ----------------------------------------------------------------------
+
+
+class OffloadingEngine(Engine):
+    def offload(self):
+        pass
+
+    def onload(self):
+        pass
+
+
+class HalfOffloadingEngine(Engine):
+    def offload(self):  # no onload(): the weights could never come back
+        pass
+
+
+def test_tiers_of_an_engine():
+    assert tiers_of(Engine()) == ["resident", "unloaded"]
+    assert tiers_of(OffloadingEngine()) == ["resident", "offloaded", "unloaded"]
+    assert tiers_of(HalfOffloadingEngine()) == ["resident", "unloaded"]
+    assert tiers_of(None) == ["resident", "unloaded"]  # the engine could not be created
+
+
+def test_tiers_are_the_class_s_not_the_instance_s():
+    engine = Engine()
+    engine.offload = engine.onload = lambda: None
+    assert tiers_of(engine) == ["resident", "unloaded"]
+
+
+# --- memory meter ---------------------------------------------------------------
+
+MiB = 2**20
+
+
+def test_memory_report_of_this_process():
+    report = MemoryMeter().report()
+    assert set(report) == {"rss", "rss_peak", "cuda", "cuda_peak"}
+    assert 0 < report["rss"] <= report["rss_peak"]
+
+
+def test_reset_peaks_forgets_an_old_high_water_mark():
+    meter = MemoryMeter()
+    held = bytearray(200 * MiB)
+    for offset in range(0, len(held), 4096):
+        held[offset] = 1
+    del held
+    high = meter.call_peaks()["rss_peak"]
+    assert high >= meter.rss() + 150 * MiB
+    meter.reset_peaks()
+    assert meter.call_peaks()["rss_peak"] < high - 150 * MiB
+
+
+class FakeCuda(object):
+    """torch.cuda as the meter uses it: two devices, with reserved bytes and peaks."""
+
+    def __init__(self, initialized=True):
+        self.initialized = initialized
+        self.resets = []
+
+    def is_available(self):
+        return True
+
+    def is_initialized(self):
+        return self.initialized
+
+    def device_count(self):
+        return 2
+
+    def memory_reserved(self, index):
+        return 100 * (index + 1)
+
+    def max_memory_reserved(self, index):
+        return 1000 * (index + 1)
+
+    def reset_peak_memory_stats(self, index):
+        self.resets.append(index)
+
+
+def test_cuda_memory_is_summed_over_devices_once_torch_initialized_cuda(monkeypatch):
+    cuda = FakeCuda()
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    meter = MemoryMeter()
+    report = meter.report()
+    assert (report["cuda"], report["cuda_peak"]) == (300, 3000)
+    assert meter.call_peaks()["cuda_peak"] == 3000
+    meter.reset_peaks()
+    assert cuda.resets == [0, 1]
+
+
+@pytest.mark.parametrize("torch", [None, types.SimpleNamespace(cuda=FakeCuda(initialized=False)),
+                                   types.SimpleNamespace()])
+def test_no_cuda_figures_without_initialized_cuda(monkeypatch, torch):
+    # None: torch not imported (the meter never imports it); no `cuda`: torch mid-import.
+    if torch is None:
+        monkeypatch.delitem(sys.modules, "torch", raising=False)
+    else:
+        monkeypatch.setitem(sys.modules, "torch", torch)
+    report = MemoryMeter().report()
+    assert report["cuda"] is None and report["cuda_peak"] is None

@@ -62,6 +62,15 @@ class RecordingEffects:
         self.effects.append(("reply_cancelled", request.id))
         self.messages[request.id] = message
 
+    def reply_result(self, request, value):
+        self.effects.append(("reply_result", request.id))
+
+    def set_tier(self, daemon, tier):
+        self.effects.append(("set_tier", daemon.name, tier))
+
+    def set_process(self, daemon, running):
+        self.effects.append(("set_process", daemon.name, running))
+
     def take(self):
         """The effects recorded since the last take."""
         taken, self.effects = self.effects, []
