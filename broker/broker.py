@@ -24,7 +24,7 @@ from modelhost.errors import ModelhostError
 
 from .config import Config
 from .footprints import STATE_FILE, FootprintStore, fingerprint
-from .memory import MemoryProbe, choose_probe, format_bytes
+from .memory import MemoryProbe, choose_probe
 from .scheduler import Action, DaemonLimits, MemoryPolicy, Request, Scheduler
 
 log = logging.getLogger("modelhost.broker")
@@ -79,7 +79,7 @@ class Broker:
                                max_payload_bytes=d.max_payload_bytes or broker.max_payload_bytes,
                                device=d.device, pinned=d.pin, idle_ttl_s=d.idle_ttl_s,
                                preload=d.preload, declared_resident=d.declared_resident,
-                               declared_peak=d.declared_peak)
+                               declared_peak=d.declared_peak, priority=d.priority)
             for name, d in config.daemons.items()
         }
         self.store = FootprintStore(
@@ -413,8 +413,8 @@ class Broker:
         log.info("memory probe: %s (%s)", self.probe.kind, self.probe.reason)
         self._read_memory()
         for device in self.scheduler.device_rows():
-            log.info("memory: %s: threshold %s (%s), external memory %s", device["name"],
-                     format_bytes(device.get("threshold")), device.get("threshold_text"),
+            log.info("memory: %s: threshold %s, external memory %s", device["name"],
+                     device.get("threshold_text"),
                      "counted" if device.get("external_counted") else "ignored")
         sample_s = self.config.broker.memory.sample_s
         next_sample = None

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from modelhost.protocol import default_runtime_dir
+from modelhost.protocol import Priority, default_runtime_dir
 
 __all__ = [
     "ConfigError", "RestartPolicy", "DaemonConfig", "DeviceLimit", "MemoryConfig",
@@ -77,6 +77,10 @@ class DaemonConfig:
     pin: bool = False  # never evicted (nor unloaded when idle)
     idle_ttl_s: float | None = None  # unloaded after this long idle; None: never
     preload: bool = True  # loaded once its process is up, if that evicts nothing
+    # The most urgent class of work it serves, known before it has served any:
+    # a request less urgent than this may not evict it. None: learned from
+    # the work it serves.
+    priority: str | None = None
     line: int = 0  # line of the daemon's section, for later messages
 
 
@@ -179,7 +183,7 @@ _DEVICE_KEYS = ("threshold", "external")
 _DAEMON_KEYS = ("engine", "python", "venv", "requirements", "options", "pythonpath", "env",
                 "concurrency", "max_queue", "max_payload", "ready_timeout_s",
                 "stop_timeout_s", "restart", "autostart", "memory", "device", "pin",
-                "idle_ttl_s", "preload")
+                "idle_ttl_s", "preload", "priority")
 _FOOTPRINT_KEYS = ("resident", "peak")
 _RESTART_KEYS = ("backoff_s", "max_backoff_s", "reset_after_s")
 
@@ -571,6 +575,7 @@ class _Parser:
             pin=pin,
             idle_ttl_s=idle_ttl_s,
             preload=get("preload", self.boolean, True),
+            priority=get("priority", self.choice, None, choices=Priority.ALL),
         )
         if missing or not name_ok or engine is None or python is None:
             return None

@@ -41,11 +41,10 @@ log = logging.getLogger("modelhost.broker")
 
 PRIORITY_INDEX = {priority: index for index, priority in enumerate(Priority.ALL)}
 LOWEST_RANK = len(Priority.ALL) - 1
+INTERACTIVE = PRIORITY_INDEX[Priority.INTERACTIVE]
 # While a call waits for memory, the queue is looked at again this often:
 # aging and the priority window change what may be evicted, with no event.
 WAIT_RECHECK_S = 0.25
-# A tier change that frees this much less than expected is reported.
-SHORTFALL_SLACK = 16 * 2**20
 # Daemon states while an engine moves between tiers.
 TRANSITIONAL = frozenset((DaemonState.LOADING, DaemonState.OFFLOADING,
                           DaemonState.ONLOADING, DaemonState.UNLOADING))
@@ -56,6 +55,9 @@ MOVING_STATE = {(Tier.UNLOADED, Tier.RESIDENT): DaemonState.LOADING,
                 (Tier.RESIDENT, Tier.OFFLOADED): DaemonState.OFFLOADING,
                 (Tier.RESIDENT, Tier.UNLOADED): DaemonState.UNLOADING,
                 (Tier.OFFLOADED, Tier.UNLOADED): DaemonState.UNLOADING}
+FRESH_S = 5.0
+# A move down that frees less than this share of what it should is reported.
+SHORTFALL_SHARE = 0.5
 # What the supervisor must have said lately for the broker to stop processes.
 SUPERVISOR_FRESH_S = 3.0
 
@@ -128,6 +130,7 @@ class DaemonLimits:
     preload: bool = True
     declared_resident: int | None = None
     declared_peak: int | None = None
+    priority: str | None = None  # the most urgent work it serves, known in advance
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,12 @@ class Daemon:
     unload_waiters: list = field(default_factory=list)  # UNLOAD requests
     mem: dict = field(default_factory=dict)  # the daemon's own last memory report
     evictions: int = 0
+    moves: dict = field(default_factory=dict)  # tier -> moves that arrived there
+    usage_before_move: int = 0  # to judge what a move down really freed
+    # When it became resident for waiting work; until that work has started
+    # (or FRESH_S passed) only interactive work may evict it again, so a
+    # load is not thrown away before it served what it was made for.
+    fresh_since: float | None = None
 
     def queued(self) -> int:
         return sum(len(q) for q in self.queues.values())
@@ -421,6 +430,7 @@ class Scheduler:
             # The stop the memory manager asked for: the memory is back.
             log.info("daemon=%s stopped to free memory", name)
             daemon.target = None
+            daemon.moves[Tier.STOPPED] = daemon.moves.get(Tier.STOPPED, 0) + 1
             daemon.state = DaemonState.STOPPED
             daemon.error = None
             self._fail_running(daemon, "daemon {} was stopped".format(name))
@@ -562,6 +572,7 @@ class Scheduler:
                 "idle_ttl_s": daemon.limits.idle_ttl_s,
                 "ttl_s": None if expiry is None else max(0.0, expiry - now),
                 "evictions": daemon.evictions,
+                "moves": dict(daemon.moves),
             })
         return rows
 
@@ -674,7 +685,9 @@ class Scheduler:
             " + {} at the peak of {}".format(format_bytes(peak), request.method) if peak else "")
             + ")",
             "but {} allows {} ({})".format(device.name, format_bytes(budget),
-                                           limit.describe(device.total))]
+                                           limit.describe(device.total))
+            if limit.threshold_bytes is None else
+            "but the threshold of {} is {}".format(device.name, format_bytes(budget))]
         if external:
             parts.append("of which {} is held by other processes".format(format_bytes(external)))
         if held_by_pinned:
@@ -686,6 +699,8 @@ class Scheduler:
     def _rank(self, daemon: Daemon, now: float) -> int:
         """The most urgent priority class the daemon serves lately (0 = interactive)."""
         ranks = [PRIORITY_INDEX[p] for p, queue in daemon.queues.items() if queue]
+        if daemon.limits.priority is not None:
+            ranks.append(PRIORITY_INDEX[daemon.limits.priority])
         ranks += [PRIORITY_INDEX[p] for p, when in daemon.served.items()
                   if now - when <= self.policy.priority_window_s]
         return min(ranks, default=LOWEST_RANK)
@@ -698,6 +713,7 @@ class Scheduler:
 
     def _victims(self, device: DeviceMemory, needer: Daemon, rank_at_least: int,
                  now: float) -> list[Candidate]:
+        """Idle daemons that a request of class `rank_at_least` may move down."""
         can_stop = now - self.supervisor_seen <= SUPERVISOR_FRESH_S
         candidates = []
         for daemon in self._on_device(device):
@@ -706,8 +722,11 @@ class Scheduler:
                     or daemon.state in TRANSITIONAL or daemon.unload_waiters):
                 continue
             rank = self._rank(daemon, now)
-            if rank < rank_at_least:
-                continue  # it serves more urgent work than the request asking
+            if rank == INTERACTIVE < rank_at_least:
+                continue  # it serves the interactive loop; only interactive work evicts it
+            if daemon.fresh_since is not None and rank_at_least != INTERACTIVE \
+                    and now - daemon.fresh_since < FRESH_S:
+                continue  # loaded for work that has not started yet
             usage = self._usage(daemon)
             holds = {daemon.tier: usage}
             for tier in Tier.ALL[DEPTH[daemon.tier] + 1:]:
@@ -740,6 +759,7 @@ class Scheduler:
     def _move(self, daemon: Daemon, target: str, reason: str) -> None:
         log.info("daemon=%s %s -> %s: %s", daemon.name, daemon.tier, target, reason)
         daemon.target = target
+        daemon.usage_before_move = self._usage(daemon)
         if target == Tier.STOPPED:
             daemon.want_stopped = True
             self.effects.set_process(daemon, False)
@@ -759,22 +779,28 @@ class Scheduler:
         if daemon.tier == target and isinstance(took, (int, float)):
             daemon.footprint.took_s[target] = float(took)
             self._dirty = True
+        if daemon.tier == target:
+            daemon.moves[target] = daemon.moves.get(target, 0) + 1
         if target == Tier.RESIDENT and daemon.tier == Tier.RESIDENT:
             daemon.last_used = now
+            daemon.fresh_since = now if daemon.queued() else None
             if measured is not None:
                 self._remember(daemon, Tier.RESIDENT, measured)
         elif DEPTH[target] > DEPTH[Tier.RESIDENT] and measured is not None:
-            expected = daemon.footprint.at(target)
             # Remember what the tier really holds: a tier that frees nothing
             # is skipped next time, and the planner goes on to a stop.
+            expected = daemon.footprint.at(target)
             self._remember(daemon, target, measured)
+            should_free = daemon.usage_before_move - expected
+            freed = daemon.usage_before_move - measured
             if update.get("failed"):
                 log.warning("daemon=%s could not move to %s (%s); it holds %s", daemon.name,
                             target, update.get("error"), format_bytes(measured))
-            elif measured > expected + SHORTFALL_SLACK:
-                log.warning("daemon=%s still holds %s at %s, expected %s; remembered, so the "
-                            "next eviction goes further down", daemon.name,
-                            format_bytes(measured), target, format_bytes(expected))
+            elif should_free > 0 and freed < should_free * SHORTFALL_SHARE:
+                log.warning("daemon=%s moved to %s but freed only %s of %s (it still holds "
+                            "%s); remembered, so the next eviction goes further down",
+                            daemon.name, target, format_bytes(max(0, freed)),
+                            format_bytes(should_free), format_bytes(measured))
         if daemon.tier == Tier.UNLOADED or daemon.state == DaemonState.FAILED:
             self._answer_unload_waiters(daemon)
 
@@ -850,21 +876,34 @@ class Scheduler:
         self._preload(waiter)
 
     def _preload(self, waiter: dict) -> None:
-        """Load daemons that asked for it when they came up, if they fit as things are."""
+        """Load daemons that asked for it when they came up, if they fit as things are.
+
+        In configuration order: room stays set aside for a daemon earlier in
+        the file whose process has not registered yet, so which daemons are
+        preloaded does not depend on which process starts fastest.
+        """
+        set_aside: dict[str, int] = {}  # device id -> footprints of earlier daemons to come
         for daemon in self.daemons.values():
+            device = self._device(daemon)
+            device_id = None if device is None else device.id
+            if (daemon.identity is None and daemon.state == DaemonState.STARTING
+                    and daemon.process.get("status") in ("pending", "starting", "running")
+                    and daemon.limits.preload and not daemon.preload_tried):
+                set_aside[device_id] = set_aside.get(device_id, 0) + \
+                    daemon.footprint.at(Tier.RESIDENT)
+                continue
             if (daemon.preload_tried or daemon.identity is None or daemon.target is not None
                     or daemon.tier != Tier.UNLOADED or daemon.state != DaemonState.UNLOADED):
                 continue
             daemon.preload_tried = True
             if not daemon.limits.preload or daemon.queued() or daemon.unload_waiters:
                 continue
-            device = self._device(daemon)
-            limit = self._limit(None if device is None else device.id)
+            limit = self._limit(device_id)
             if limit is not None:
-                if device.id in waiter:
+                if device_id in waiter:
                     continue  # the room is promised to a waiting request
                 room = limit.budget(device.total) - self._committed(device) + \
-                    self._usage(daemon)
+                    self._usage(daemon) - set_aside.get(device_id, 0)
                 if daemon.footprint.at(Tier.RESIDENT) > room:
                     log.info("daemon=%s not preloaded: it needs %s and %s has %s free under "
                              "its threshold; it loads when called", daemon.name,
@@ -942,6 +981,7 @@ class Scheduler:
 
     def _dispatch(self, daemon: Daemon, request: Request, slot: int, reserved: int) -> str:
         self._pop(daemon, request)
+        daemon.fresh_since = None
         request.state = RequestState.RUNNING
         request.slot = slot
         request.reserved = reserved

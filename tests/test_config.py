@@ -246,7 +246,7 @@ def test_unknown_key_with_suggestion():
         "config.yaml:6: daemons.espeak.colour: unknown key (expected one of: engine, python, "
         "venv, requirements, options, pythonpath, env, concurrency, max_queue, max_payload, "
         "ready_timeout_s, stop_timeout_s, restart, autostart, memory, device, pin, "
-        "idle_ttl_s, preload)",
+        "idle_ttl_s, preload, priority)",
     ]
 
 
@@ -781,6 +781,7 @@ def test_daemon_memory_keys():
             device: gpu1
             idle_ttl_s: 600
             preload: false
+            priority: interactive
           chat:
             engine: a.b:C
             python: "3.12"
@@ -801,6 +802,7 @@ def test_daemon_memory_keys():
     tts, chat, other, nothing = (config.daemons[n] for n in ("tts", "chat", "other", "nothing"))
     assert (tts.declared_resident, tts.declared_peak) == (2 * GiB, 512 * 2**20)
     assert (tts.device, tts.pin, tts.idle_ttl_s, tts.preload) == ("gpu1", False, 600.0, False)
+    assert (tts.priority, chat.priority) == ("interactive", None)
     assert (chat.declared_resident, chat.declared_peak) == (None, 0)
     assert (chat.device, chat.pin, chat.idle_ttl_s, chat.preload) == ("host", True, None, True)
     assert (other.declared_resident, other.declared_peak) == (None, None)

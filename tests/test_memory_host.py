@@ -255,3 +255,54 @@ def test_measured_footprints_survive_a_broker_restart(make_host):
     # The daemon kept its weights and registers again with them.
     host.wait_for(lambda status: tiers(host)["a"] == Tier.RESIDENT, what="a to re-register")
     assert host.daemon("a")["loads"] == 1
+
+
+def _cuda_available():
+    try:
+        import pynvml
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU, torch and nvidia-ml-py")
+def test_on_a_gpu_nvml_sees_the_daemons_and_eviction_frees_device_memory(make_host):
+    """Three CUDA daemons of 2 GiB under a threshold of 5 GiB above what the GPU already
+    holds: NVML reads each daemon's pid, and a third is served by offloading another."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    used_before = pynvml.nvmlDeviceGetMemoryInfo(handle).used
+    # A CUDA context costs a few hundred MiB per process; declared footprints include it.
+    threshold = used_before + 5 * 2**30 + 1500 * MiB
+
+    def cuda_daemon(name, **settings):
+        lines = ["  {}:".format(name), "    engine: cuda_engine:CudaEngine",
+                 "    pythonpath: [{}]".format(ENGINES), "    python: {}".format(sys.executable),
+                 "    venv: false", "    options: {resident_mib: 2048}",
+                 "    memory: {resident: 2600MiB, peak: 300MiB}", "    device: gpu0"]
+        lines += ["    {}: {}".format(key, value) for key, value in settings.items()]
+        return "\n".join(lines) + "\n"
+
+    host = make_host([cuda_daemon("a"), cuda_daemon("b"), cuda_daemon("c", preload="false")],
+                     {"memory": "{{probe: nvml, threshold: {}, external: count}}".format(
+                         threshold)}).start()
+    host.wait_for(lambda status: all(d["state"] in ("ready", "unloaded")
+                                     for d in status["daemons"]), timeout=120,
+                  what="CUDA daemons to load")
+    status = host.ps()
+    assert status["memory"]["probe"] == "nvml"
+    device = status["memory"]["devices"][0]
+    assert device["id"] == "gpu0" and device["threshold"] == threshold
+    rows = {d["name"]: d for d in status["daemons"]}
+    assert rows["a"]["memory_bytes"] >= 2048 * MiB and rows["b"]["memory_bytes"] >= 2048 * MiB
+    client = host.client()
+    assert client.call("c", "work", peak_mib=256, timeout=120)["device"].startswith("cuda")
+    rows = {d["name"]: d for d in host.ps()["daemons"]}
+    moved = [name for name in "ab" if rows[name]["tier"] != Tier.RESIDENT]
+    assert len(moved) == 1
+    assert rows[moved[0]]["footprint"]["measured"][rows[moved[0]]["tier"]] < 1024 * MiB
+    assert pynvml.nvmlDeviceGetMemoryInfo(handle).used <= threshold
