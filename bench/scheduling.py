@@ -123,6 +123,9 @@ def stage_yaml(name, stage, preload, events):
              "    memory: {}".format(stage["declared"]),
              "    options: {{{}}}".format(", ".join(
                  "{}: {}".format(k, json.dumps(v)) for k, v in options.items()))]
+    if stage["priority"] == "interactive":
+        # The chat loop's TTS: only interactive work may evict it, from the start.
+        lines.append("    priority: interactive")
     return "\n".join(lines) + "\n"
 
 

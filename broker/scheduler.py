@@ -225,6 +225,9 @@ class Scheduler:
         self.client_expiry_s = client_expiry_s
         self.policy = policy or MemoryPolicy()
         self.reading = MemoryReading([])
+        self._devices: dict[str, DeviceMemory] = {}
+        self._first_device: str | None = None
+        self._preload_due = False  # a daemon registered: see whether it preloads
         self.supervisor_seen = float("-inf")
         self.requests: dict[RequestKey, Request] = {}
         # client identity -> last time it said anything; a silent client's
@@ -259,8 +262,11 @@ class Scheduler:
                                                                 ", ".join(self.daemons) or "none"))
             return
         is_call = request.action == Action.CALL
-        if is_call and daemon.state in (DaemonState.FAILED, DaemonState.STOPPED) \
-                and not daemon.want_stopped:
+        # A failed daemon still takes a load (it retries); a stopped one that
+        # the memory manager did not stop has nobody to start it.
+        unavailable = (DaemonState.FAILED, DaemonState.STOPPED) if is_call else \
+            (DaemonState.STOPPED,) if request.action == Action.LOAD else ()
+        if daemon.state in unavailable and not daemon.want_stopped:
             self.effects.reply_error(request, "daemon_unavailable", "daemon {} is {}: {}"
                                      .format(daemon.name, daemon.state,
                                              daemon.error or "see `modelhost ps`"))
@@ -286,7 +292,11 @@ class Scheduler:
                                      "loaded; unpin it first (modelhost unpin {})".format(
                                          daemon.name, daemon.name))
             return
-        if request.action != Action.UNLOAD:
+        # A call that can start right away fits; one that will wait learns
+        # now, not at the head of the queue, that it never could.
+        starts_now = (daemon.serving and daemon.target is None and not daemon.queued()
+                      and len(daemon.running) < daemon.limits.concurrency)
+        if request.action != Action.UNLOAD and not starts_now:
             never = self._never_fits(daemon, request)
             if never:
                 self.effects.reply_error(request, "insufficient_memory", never)
@@ -343,6 +353,7 @@ class Scheduler:
         now = self.clock()
         if daemon.identity != identity:
             daemon.preload_tried = False  # a new process, or a restarted broker
+            self._preload_due = True
         daemon.identity = identity
         daemon.last_seen = now
         daemon.pid = info.get("pid")
@@ -478,6 +489,9 @@ class Scheduler:
     def on_memory(self, reading: MemoryReading) -> None:
         """A fresh probe reading: peaks of running calls, idle footprints, then admission."""
         self.reading = reading
+        # Looked up on every dispatch: by id, not by a scan of the reading.
+        self._devices = {device.id: device for device in reading.devices}
+        self._first_device = reading.devices[0].id if reading.devices else None
         for daemon in self.daemons.values():
             measured = self._measured(daemon)
             if measured is None:
@@ -601,13 +615,10 @@ class Scheduler:
         return self.policy.limit_for(device_id)
 
     def _device_id(self, daemon: Daemon) -> str | None:
-        if daemon.limits.device is not None:
-            return daemon.limits.device
-        return self.reading.devices[0].id if self.reading.devices else None
+        return daemon.limits.device or self._first_device
 
     def _device(self, daemon: Daemon) -> DeviceMemory | None:
-        device_id = self._device_id(daemon)
-        return None if device_id is None else self.reading.device(device_id)
+        return self._devices.get(daemon.limits.device or self._first_device)
 
     def _measured(self, daemon: Daemon) -> int | None:
         """What the probe says the daemon's process holds on its device now."""
@@ -873,7 +884,8 @@ class Scheduler:
             elif outcome == BLOCKED:
                 blocked.add(daemon.name)
         self._waiting = bool(waiter)
-        self._preload(waiter)
+        if self._preload_due:
+            self._preload(waiter)
 
     def _preload(self, waiter: dict) -> None:
         """Load daemons that asked for it when they came up, if they fit as things are.
@@ -883,6 +895,7 @@ class Scheduler:
         preloaded does not depend on which process starts fastest.
         """
         set_aside: dict[str, int] = {}  # device id -> footprints of earlier daemons to come
+        self._preload_due = False
         for daemon in self.daemons.values():
             device = self._device(daemon)
             device_id = None if device is None else device.id
@@ -891,6 +904,7 @@ class Scheduler:
                     and daemon.limits.preload and not daemon.preload_tried):
                 set_aside[device_id] = set_aside.get(device_id, 0) + \
                     daemon.footprint.at(Tier.RESIDENT)
+                self._preload_due = True  # look again when it registers
                 continue
             if (daemon.preload_tried or daemon.identity is None or daemon.target is not None
                     or daemon.tier != Tier.UNLOADED or daemon.state != DaemonState.UNLOADED):
