@@ -37,6 +37,9 @@ import zmq
 
 import modelhost
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import UpHost, die_with_parent, percentile  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 ENGINES = HERE / "engines"
 
@@ -52,17 +55,6 @@ REPLY_TIMEOUT_MS = 30000
 
 # --- helper processes (this same file, run with --role) -------------------------------
 
-def _die_with_parent():
-    """Have the kernel SIGTERM this helper when the bench process dies, even by SIGKILL."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _echo_loop(socket):
     while True:
         frames = socket.recv_multipart(copy=False)
@@ -70,7 +62,7 @@ def _echo_loop(socket):
 
 
 def run_role(role, endpoints):
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     context = zmq.Context()
     if role == "echo":
@@ -126,42 +118,9 @@ def daemon_yaml(name, engine, options=None, **settings):
     return "\n".join(lines) + "\n"
 
 
-class Host(object):
-    """`modelhost up` from a generated config in `directory`, stopped with SIGINT."""
-
+class Host(UpHost):
     def __init__(self, directory, daemons):
-        self.dir = Path(directory)
-        runtime = self.dir / "run"
-        self.endpoint = "ipc://{}/frontend.sock".format(runtime)
-        config = ("broker:\n"
-                  "  runtime_dir: {}\n"
-                  "  state_dir: {}\n"
-                  "  max_payload: 64MiB\n"
-                  "  log_level: info\n"
-                  "daemons:\n").format(json.dumps(str(runtime)), json.dumps(str(self.dir / "state")))
-        self.config = self.dir / "config.yaml"
-        self.config.write_text(config + "".join(daemons))
-        self.log_path = self.dir / "up.log"
-        self.process = None
-        self._log = None
-        self.started_at = None
-
-    def start(self):
-        self._log = open(self.log_path, "wb")
-        self.started_at = time.monotonic()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "modelhost.cli", "up", "--config", str(self.config),
-             "--no-setup"],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            # Its own session, so a Ctrl-C meant for the bench reaches it only
-            # through stop(); SIGTERM (a clean stop) should the bench die outright.
-            start_new_session=True, preexec_fn=_die_with_parent)
-
-    def log_tail(self, chars=4000):
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
+        super().__init__(directory, ["max_payload: 64MiB"], daemons)
 
     def wait_ready(self, names, timeout=READY_TIMEOUT_S):
         """{name: seconds from `modelhost up` to ready} once every daemon in names is ready."""
@@ -192,29 +151,8 @@ class Host(object):
         raise RuntimeError("daemons {} not ready after {:.0f}s; last status: {}\n{}".format(
             ", ".join(names), timeout, last, self.log_tail()))
 
-    def stop(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                print("warning: modelhost up did not stop within 30s of SIGINT; killing its "
-                      "process group", file=sys.stderr)
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        if self._log is not None:
-            self._log.close()
-
 
 # --- statistics ------------------------------------------------------------------
-
-def percentile(sorted_values, fraction):
-    """Nearest-rank percentile of an ascending list."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, int(round(fraction * len(sorted_values) + 0.5)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
 
 def summarize(latencies_s):
     ordered = sorted(latencies_s)

@@ -34,7 +34,6 @@ import platform
 import queue
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -46,6 +45,9 @@ import psutil
 import zmq
 
 import modelhost
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import UpHost, percentile  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ENGINES = HERE / "engines"
@@ -96,17 +98,6 @@ def log(line):
     print(line, file=sys.stderr, flush=True)
 
 
-def _die_with_parent():
-    """Have the kernel SIGTERM `modelhost up` when the bench dies, even by SIGKILL."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 # --- a real `modelhost up` ---------------------------------------------------------
 
 def stage_yaml(name, stage, preload, events):
@@ -129,45 +120,15 @@ def stage_yaml(name, stage, preload, events):
     return "\n".join(lines) + "\n"
 
 
-class Host(object):
-    """`modelhost up` from a generated config in `directory`, stopped with SIGINT."""
-
+class Host(UpHost):
     def __init__(self, directory, threshold, preload):
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        runtime = self.dir / "run"
-        self.endpoint = "ipc://{}/frontend.sock".format(runtime)
-        self.events = self.dir / "events.jsonl"
-        config = ("broker:\n"
-                  "  runtime_dir: {}\n"
-                  "  state_dir: {}\n"
-                  "  log_level: info\n"
-                  "  memory: {{probe: host, threshold: {}, external: ignore, sample_s: 0.05}}\n"
-                  "daemons:\n").format(json.dumps(str(runtime)), json.dumps(str(self.dir / "state")),
-                                       threshold)
-        config += "".join(stage_yaml(name, stage, preload, self.events)
-                          for name, stage in STAGES.items())
-        self.config = self.dir / "config.yaml"
-        self.config.write_text(config)
-        self.log_path = self.dir / "up.log"
-        self.process = None
-        self._log = None
-        self.started_at = None
-
-    def start(self):
-        self._log = open(self.log_path, "wb")
-        self.started_at = time.monotonic()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "modelhost.cli", "up", "--config", str(self.config),
-             "--no-setup"],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent)
-
-    def log_tail(self, chars=4000):
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
+        directory = Path(directory)
+        self.events = directory / "events.jsonl"
+        super().__init__(
+            directory,
+            ["memory: {{probe: host, threshold: {}, external: ignore, sample_s: 0.05}}".format(
+                threshold)],
+            [stage_yaml(name, stage, preload, self.events) for name, stage in STAGES.items()])
 
     def wait_settled(self, client, timeout=READY_TIMEOUT_S, settle_s=1.0):
         """The ps rows once every daemon is up, no move is under way, for settle_s in a row."""
@@ -200,19 +161,6 @@ class Host(object):
             time.sleep(0.1)
         raise RuntimeError("daemons not settled after {:.0f}s; last status: {}\n{}".format(
             timeout, last, self.log_tail()))
-
-    def stop(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                print("warning: modelhost up did not stop within 30s of SIGINT; killing its "
-                      "process group", file=sys.stderr)
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        if self._log is not None:
-            self._log.close()
 
 
 # --- sampling memory from outside the broker ----------------------------------------------
@@ -548,14 +496,6 @@ def run_policy(policy, directory, trace):
 
 
 # --- output -----------------------------------------------------------------------------------
-
-def percentile(sorted_values, fraction):
-    """Nearest-rank percentile of an ascending list."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, int(round(fraction * len(sorted_values) + 0.5)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
 
 def fit_check(baseline_mib):
     """Lines that check the threshold against the stages and the measured baseline."""
