@@ -46,9 +46,6 @@ class MemoryReading:
                 total[pid] = total.get(pid, 0) + used
         return total
 
-    def device(self, device_id: str) -> DeviceMemory | None:
-        return next((d for d in self.devices if d.id == device_id), None)
-
 
 class MemoryProbe(Protocol):
     kind: str  # "nvml" or "host"

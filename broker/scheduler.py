@@ -33,6 +33,7 @@ from typing import Any, Callable, Protocol
 
 from modelhost.protocol import DaemonState, Priority, Tier
 
+from .accounting import MemoryBook
 from .footprints import Footprint
 from .memory import DeviceMemory, MemoryReading, format_bytes
 from .placement import DEPTH, Candidate, plan_room
@@ -224,9 +225,7 @@ class Scheduler:
         self.daemon_expiry_s = daemon_expiry_s
         self.client_expiry_s = client_expiry_s
         self.policy = policy or MemoryPolicy()
-        self.reading = MemoryReading([])
-        self._devices: dict[str, DeviceMemory] = {}
-        self._first_device: str | None = None
+        self.book = MemoryBook(self.daemons, self.policy.limit_for)
         self._preload_due = False  # a daemon registered: see whether it preloads
         self.supervisor_seen = float("-inf")
         self.requests: dict[RequestKey, Request] = {}
@@ -488,12 +487,9 @@ class Scheduler:
 
     def on_memory(self, reading: MemoryReading) -> None:
         """A fresh probe reading: peaks of running calls, idle footprints, then admission."""
-        self.reading = reading
-        # Looked up on every dispatch: by id, not by a scan of the reading.
-        self._devices = {device.id: device for device in reading.devices}
-        self._first_device = reading.devices[0].id if reading.devices else None
+        self.book.update(reading)
         for daemon in self.daemons.values():
-            measured = self._measured(daemon)
+            measured = self.book.measured(daemon)
             if measured is None:
                 continue
             for request in daemon.running.values():
@@ -579,9 +575,9 @@ class Scheduler:
                 "tier": daemon.tier,
                 "target": daemon.target,
                 "tiers": list(daemon.tiers),
-                "device": self._device_id(daemon),
+                "device": self.book.device_id(daemon),
                 "pinned": daemon.pinned,
-                "memory_bytes": self._measured(daemon),
+                "memory_bytes": self.book.measured(daemon),
                 "footprint": daemon.footprint.describe(),
                 "idle_ttl_s": daemon.limits.idle_ttl_s,
                 "ttl_s": None if expiry is None else max(0.0, expiry - now),
@@ -591,84 +587,12 @@ class Scheduler:
         return rows
 
     def device_rows(self) -> list[dict]:
-        rows = []
-        for device in self.reading.devices:
-            limit = self._limit(device.id)
-            row = dict(id=device.id, name=device.name, total=device.total, used=device.used,
-                       free=device.free, external=self._external(device, counted=False))
-            if limit is not None:
-                row.update(threshold=limit.budget(device.total),
-                           threshold_text=limit.describe(device.total),
-                           external_counted=limit.external == "count",
-                           committed=self._committed(device))
-            rows.append(row)
-        return rows
+        return self.book.device_rows()
 
     def row(self, name: str) -> dict:
         return next(row for row in self.snapshot() if row["name"] == name)
 
-    # --- memory accounting ---------------------------------------------------
-
-    def _limit(self, device_id: str | None):
-        if device_id is None or self.policy.limit_for is None:
-            return None
-        return self.policy.limit_for(device_id)
-
-    def _device_id(self, daemon: Daemon) -> str | None:
-        return daemon.limits.device or self._first_device
-
-    def _device(self, daemon: Daemon) -> DeviceMemory | None:
-        return self._devices.get(daemon.limits.device or self._first_device)
-
-    def _measured(self, daemon: Daemon) -> int | None:
-        """What the probe says the daemon's process holds on its device now."""
-        if daemon.identity is None or daemon.pid is None:
-            return None
-        device = self._device(daemon)
-        if device is None:
-            return None
-        measured = device.by_pid.get(daemon.pid)
-        if measured is None:
-            # Hidden from the probe (a container without the host's pids):
-            # the daemon's own word is the next best thing.
-            measured = daemon.mem.get("rss" if device.id == "host" else "cuda")
-        return measured
-
-    def _accounted(self, daemon: Daemon) -> int:
-        """What the broker counts the daemon as holding: its tier, or the tier it moves to."""
-        footprint = daemon.footprint
-        if daemon.target is not None and DEPTH[daemon.target] < DEPTH[daemon.tier]:
-            held = footprint.at(daemon.target)  # moving up: its room is reserved
-        else:
-            held = footprint.at(daemon.tier)  # moving down: counted until confirmed
-        return held + sum(request.reserved for request in daemon.running.values())
-
-    def _usage(self, daemon: Daemon) -> int:
-        measured = self._measured(daemon)
-        accounted = self._accounted(daemon)
-        return accounted if measured is None else max(accounted, measured)
-
-    def _on_device(self, device: DeviceMemory) -> list[Daemon]:
-        return [d for d in self.daemons.values() if self._device_id(d) == device.id]
-
-    def _external(self, device: DeviceMemory, counted: bool = True) -> int:
-        """Memory on the device held by processes other than the daemons."""
-        if counted:
-            limit = self._limit(device.id)
-            if limit is None or limit.external != "count":
-                return 0
-        ours = sum(device.by_pid.get(d.pid, 0) for d in self._on_device(device)
-                   if d.identity is not None and d.pid is not None)
-        return max(0, device.used - ours)
-
-    def _committed(self, device: DeviceMemory) -> int:
-        return self._external(device) + sum(self._usage(d) for d in self._on_device(device))
-
-    def _pending_frees(self, device: DeviceMemory) -> int:
-        """Bytes that moves already under way on the device will give back."""
-        return sum(max(0, self._usage(d) - d.footprint.at(d.target))
-                   for d in self._on_device(device)
-                   if d.target is not None and DEPTH[d.target] > DEPTH[d.tier])
+    # --- memory ---------------------------------------------------------------
 
     def _needs(self, daemon: Daemon, request: Request) -> tuple[int, int]:
         """(resident bytes, peak bytes) the request needs of its daemon's device."""
@@ -677,15 +601,15 @@ class Scheduler:
 
     def _never_fits(self, daemon: Daemon, request: Request) -> str | None:
         """Why the request could not run even with every other daemon evicted, or None."""
-        device = self._device(daemon)
-        limit = self._limit(None if device is None else device.id)
+        device = self.book.device(daemon)
+        limit = self.book.limit(None if device is None else device.id)
         if limit is None:
             return None
         resident, peak = self._needs(daemon, request)
         budget = limit.budget(device.total)
-        external = self._external(device)
-        pinned = [d for d in self._on_device(device) if d is not daemon and d.pinned]
-        held_by_pinned = sum(self._usage(d) for d in pinned)
+        external = self.book.external(device)
+        pinned = [d for d in self.book.on_device(device) if d is not daemon and d.pinned]
+        held_by_pinned = sum(self.book.usage(d) for d in pinned)
         room = budget - external - held_by_pinned
         if resident + peak <= room:
             return None
@@ -727,7 +651,7 @@ class Scheduler:
         """Idle daemons that a request of class `rank_at_least` may move down."""
         can_stop = now - self.supervisor_seen <= SUPERVISOR_FRESH_S
         candidates = []
-        for daemon in self._on_device(device):
+        for daemon in self.book.on_device(device):
             if (daemon is needer or daemon.pinned or daemon.running or daemon.identity is None
                     or daemon.target is not None or daemon.tier == Tier.STOPPED
                     or daemon.state in TRANSITIONAL or daemon.unload_waiters):
@@ -738,7 +662,7 @@ class Scheduler:
             if daemon.fresh_since is not None and rank_at_least != INTERACTIVE \
                     and now - daemon.fresh_since < FRESH_S:
                 continue  # loaded for work that has not started yet
-            usage = self._usage(daemon)
+            usage = self.book.usage(daemon)
             holds = {daemon.tier: usage}
             for tier in Tier.ALL[DEPTH[daemon.tier] + 1:]:
                 if tier == Tier.OFFLOADED and Tier.OFFLOADED not in daemon.tiers:
@@ -770,7 +694,7 @@ class Scheduler:
     def _move(self, daemon: Daemon, target: str, reason: str) -> None:
         log.info("daemon=%s %s -> %s: %s", daemon.name, daemon.tier, target, reason)
         daemon.target = target
-        daemon.usage_before_move = self._usage(daemon)
+        daemon.usage_before_move = self.book.usage(daemon)
         if target == Tier.STOPPED:
             daemon.want_stopped = True
             self.effects.set_process(daemon, False)
@@ -785,7 +709,7 @@ class Scheduler:
         """A move ended (or failed): learn what the tier really holds."""
         daemon.target = None
         now = self.clock()
-        measured = self._measured(daemon)
+        measured = self.book.measured(daemon)
         took = update.get("took_s")
         if daemon.tier == target and isinstance(took, (int, float)):
             daemon.footprint.took_s[target] = float(took)
@@ -836,7 +760,7 @@ class Scheduler:
         if request.action != Action.CALL or request.slot is None:
             return
         extra = request.peak_seen - request.base_usage if request.peak_seen else 0
-        device = self._device(daemon)
+        device = self.book.device(daemon)
         if isinstance(mem, dict) and device is not None:
             if device.id == "host" and isinstance(mem.get("rss_peak"), int):
                 extra = max(extra, mem["rss_peak"] - request.base_usage)
@@ -868,7 +792,7 @@ class Scheduler:
             if best is None:
                 break
             daemon = self.daemons[best.model]
-            device_id = self._device_id(daemon)
+            device_id = self.book.device_id(daemon)
             first = waiter.get(device_id)
             if first is not None and first.skips >= self.policy.max_skips:
                 blocked.add(daemon.name)  # nothing more overtakes it on this device
@@ -897,7 +821,7 @@ class Scheduler:
         set_aside: dict[str, int] = {}  # device id -> footprints of earlier daemons to come
         self._preload_due = False
         for daemon in self.daemons.values():
-            device = self._device(daemon)
+            device = self.book.device(daemon)
             device_id = None if device is None else device.id
             if (daemon.identity is None and daemon.state == DaemonState.STARTING
                     and daemon.process.get("status") in ("pending", "starting", "running")
@@ -912,12 +836,12 @@ class Scheduler:
             daemon.preload_tried = True
             if not daemon.limits.preload or daemon.queued() or daemon.unload_waiters:
                 continue
-            limit = self._limit(device_id)
+            limit = self.book.limit(device_id)
             if limit is not None:
                 if device_id in waiter:
                     continue  # the room is promised to a waiting request
-                room = limit.budget(device.total) - self._committed(device) + \
-                    self._usage(daemon) - set_aside.get(device_id, 0)
+                room = limit.budget(device.total) - self.book.committed(device) + \
+                    self.book.usage(daemon) - set_aside.get(device_id, 0)
                 if daemon.footprint.at(Tier.RESIDENT) > room:
                     log.info("daemon=%s not preloaded: it needs %s and %s has %s free under "
                              "its threshold; it loads when called", daemon.name,
@@ -943,11 +867,11 @@ class Scheduler:
             if slot is None:
                 return BLOCKED
             extra = self._needs(daemon, request)[1]
-            device = self._device(daemon)
-            limit = self._limit(None if device is None else device.id)
+            device = self.book.device(daemon)
+            limit = self.book.limit(None if device is None else device.id)
             if limit is None:
                 return self._dispatch(daemon, request, slot, 0)
-            deficit = self._committed(device) + extra - limit.budget(device.total)
+            deficit = self.book.committed(device) + extra - limit.budget(device.total)
             if deficit <= 0:
                 return self._dispatch(daemon, request, slot, extra)
         else:
@@ -957,13 +881,13 @@ class Scheduler:
                 return BLOCKED  # starting, restarting after a crash, or failed to start
             if daemon.state == DaemonState.FAILED and request.action != Action.LOAD:
                 return BLOCKED
-            device = self._device(daemon)
-            limit = self._limit(None if device is None else device.id)
+            device = self.book.device(daemon)
+            limit = self.book.limit(None if device is None else device.id)
             if limit is None:
                 self._move(daemon, Tier.RESIDENT, "a request is waiting")
                 return WAITING_MEMORY
             resident, extra = self._needs(daemon, request)
-            deficit = (self._committed(device) - self._usage(daemon) + resident + extra
+            deficit = (self.book.committed(device) - self.book.usage(daemon) + resident + extra
                        - limit.budget(device.total))
             if deficit <= 0:
                 self._move(daemon, Tier.RESIDENT, "{} {} is waiting".format(
@@ -978,7 +902,7 @@ class Scheduler:
             return ANSWERED
         if not may_plan:
             return WAITING_MEMORY
-        deficit -= self._pending_frees(device)
+        deficit -= self.book.pending_frees(device)
         if deficit <= 0:
             return WAITING_MEMORY  # moves under way free enough: wait for them
         rank = self._effective_class(request, now)
@@ -999,7 +923,7 @@ class Scheduler:
         request.state = RequestState.RUNNING
         request.slot = slot
         request.reserved = reserved
-        measured = self._measured(daemon)
+        measured = self.book.measured(daemon)
         request.base_usage = daemon.footprint.at(Tier.RESIDENT) if measured is None else measured
         request.base_cuda = daemon.mem.get("cuda")
         request.peak_seen = 0
