@@ -25,7 +25,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import DaemonConfig, find_base_interpreter
@@ -48,6 +48,10 @@ class SetupResult:
     action: str  # "created" | "updated" | "unchanged" | "skipped" | "failed"
     message: str
     seconds: float
+    # What the engine says keeps it from loading here (its preflight(): weights
+    # not downloaded, an extension not built): setup succeeded, the daemon
+    # will not start until these are dealt with.
+    cannot: list = field(default_factory=list)
 
 
 class _SetupFailed(Exception):
@@ -99,7 +103,9 @@ def setup_daemon(daemon: DaemonConfig, *, force: bool = False,
                 "editable install of that tree, so that daemons run the same code as the "
                 "broker: clone the repository and `pip install -e <checkout>[host]`, then "
                 "run setup again."))
-        return _setup(daemon, base, root, force, log, installer or _pick_installer(), result)
+        done = _setup(daemon, base, root, force, log, installer or _pick_installer(), result)
+        done.cannot = preflight(daemon)
+        return done
     except (_SetupFailed, FileNotFoundError, ValueError) as e:
         return result("failed", f"{daemon.name}: {e}")
     except OSError as e:  # permissions, a full disk: the environment, not a bug
@@ -168,6 +174,25 @@ def _setup(daemon, base: Path, root: Path, force, log, installer, result) -> Set
     tmp.replace(stamp)
     action = "created" if created else "updated"
     return result(action, f"{name}: {action} {venv} ({version}, {installer})")
+
+
+def preflight(daemon: DaemonConfig) -> list[str]:
+    """The engine's own list of what it lacks here, asked in the daemon's venv."""
+    python = daemon.venv / "bin" / "python" if daemon.venv else find_base_interpreter(
+        daemon.python)
+    command = [str(python), "-m", "modelhost.daemons.preflight", daemon.engine,
+               json.dumps(daemon.options), *[str(p) for p in daemon.pythonpath]]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                             env=_clean_env())
+        problems = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 \
+            else None
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        problems = None
+    if problems is None:
+        return ["could not ask the engine what it needs (`{}` failed)".format(
+            " ".join(command[:4]))]
+    return problems
 
 
 def _pick_installer() -> str:

@@ -55,6 +55,8 @@ def _run_setup(config, names, force):
                              log=lambda line: print(line, file=sys.stderr, flush=True))
     for result in results:
         print("{:<10} {}".format(result.action, result.message), file=sys.stderr)
+        for line in getattr(result, "cannot", None) or []:
+            print("{:<10} {}: not here: {}".format("", result.name, line), file=sys.stderr)
     return EXIT_ERROR if any(r.action == "failed" for r in results) else 0
 
 

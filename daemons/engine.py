@@ -77,6 +77,19 @@ class Engine(object):
     # offload()/onload() are deliberately absent here: the runtime offers the
     # host-RAM tier only for engines that define both.
 
+    @classmethod
+    def preflight(cls, options):
+        """What keeps this engine from loading on this machine: a list of lines for people.
+
+        Cheap checks only, and no imports of heavy libraries: a weight
+        directory that is missing (say its exact path and what belongs
+        there), a checkout that is not there, a compiled extension that is
+        not built. `modelhost setup` prints them after building the venv; at
+        daemon start they make the daemon `failed` with these lines, before
+        the engine is built. Empty: nothing known to be missing.
+        """
+        return []
+
     def describe(self):
         """Extra facts for `modelhost ps` (library versions, device, ...)."""
         return {}

@@ -27,6 +27,10 @@ def load_spec(name, path):
     return spec
 
 
+def name_of(spec):
+    return spec.get("name") or spec.get("engine")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m modelhost.daemons.run")
     parser.add_argument("name")
@@ -42,8 +46,15 @@ def main(argv=None):
     from modelhost.daemons.runtime import Runtime, import_engine
 
     engine, engine_error = None, None
+    options = spec.get("options") or {}
     try:
-        engine = import_engine(spec["engine"])(**(spec.get("options") or {}))
+        engine_class = import_engine(spec["engine"])
+        problems = engine_class.preflight(options) if hasattr(engine_class, "preflight") else []
+        if problems:
+            engine_error = "cannot start {}: {}".format(name_of(spec), "; ".join(problems))
+            log.error("%s", engine_error)
+        else:
+            engine = engine_class(**options)
     except Exception as exc:
         # Stay up and show `failed` with the reason in `modelhost ps`: a crash
         # loop would only bury the message in restarts.

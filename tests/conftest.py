@@ -48,10 +48,11 @@ def test_venvs():
     return venvs
 
 
-def daemon_yaml(name, venv=None, **settings):
-    """A daemon section running the probe engine, in a venv or on the host interpreter."""
+def daemon_yaml(name, venv=None, engine="probe_engine:ProbeEngine", **settings):
+    """A daemon section running a test engine (the probe engine by default), in a venv or
+    on the host interpreter."""
     lines = ["  {}:".format(name),
-             "    engine: probe_engine:ProbeEngine",
+             "    engine: {}".format(engine),
              "    pythonpath: [{}]".format(ENGINES)]
     if venv is None:
         lines += ["    python: {}".format(sys.executable), "    venv: false"]

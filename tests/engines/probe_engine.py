@@ -96,3 +96,15 @@ class ProbeEngine(Engine):
     @operation
     def crash(self, ctx):
         os._exit(17)
+
+
+class NeedsWeightsEngine(ProbeEngine):
+    """A probe engine that needs a weights directory, as the model daemons do."""
+
+    @classmethod
+    def preflight(cls, options):
+        path = options.get("weights", "")
+        if not os.path.isdir(path):
+            return ["weights not found at {}: expected a directory holding model.pt "
+                    "(see its README for where to download it)".format(path)]
+        return []
