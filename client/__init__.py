@@ -8,6 +8,7 @@
 from ._async_client import AsyncClient
 from ._client import Client, ClientState, Stream
 from ._messages import Progress
+from .models import Audio
 from .errors import (
     BadArguments,
     BadMessage,
@@ -35,7 +36,7 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AsyncClient", "Client", "ClientState", "Stream", "Progress",
+    "AsyncClient", "Client", "ClientState", "Stream", "Progress", "Audio",
     "ModelhostError", "TransportError", "BrokerUnavailable", "ProtocolMismatch", "BadMessage",
     "RequestLost", "RequestError", "UnknownModel", "UnknownMethod", "BadArguments",
     "PayloadTooLarge", "InsufficientMemory", "OverCapacity", "Timeout", "Cancelled",

@@ -10,9 +10,10 @@ from . import _messages as m
 from . import protocol
 from ._client import ClientState
 from .errors import BrokerUnavailable, StateError, Timeout
+from .models import AsyncModelCalls
 
 
-class AsyncClient(object):
+class AsyncClient(AsyncModelCalls):
     """An asyncio modelhost client; safe to share between tasks of one event loop.
 
         async with AsyncClient() as client:

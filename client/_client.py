@@ -9,6 +9,7 @@ import zmq
 from . import _messages as m
 from . import protocol
 from .errors import BrokerUnavailable, StateError, Timeout
+from .models import ModelCalls
 
 
 class ClientState(enum.Enum):
@@ -60,7 +61,7 @@ class Stream(object):
             self._client._forget(self.request_id)
 
 
-class Client(object):
+class Client(ModelCalls):
     """A blocking modelhost client.
 
         with Client() as client:

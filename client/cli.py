@@ -1,7 +1,9 @@
-"""The `modelhost` command line: up, setup, ps, call, say, load, unload, pin, unpin.
+"""The `modelhost` command line: up, setup, ps, call, say, load, unload, pin, unpin,
+and the model verbs tts, text-to-audio, talking-head.
 
-Client commands (all but up and setup) need only pyzmq and msgpack. `up` and
-`setup` import the broker package lazily, as the layering rules allow.
+Client commands (all but up and setup) need only pyzmq and msgpack (the model
+verbs numpy, and soundfile to write audio). `up` and `setup` import the broker
+package lazily, as the layering rules allow.
 """
 
 import argparse
@@ -384,11 +386,15 @@ class ProgressLine(object):
         self.stream = stream
         self.active = stream.isatty()
         self.drawn = False
+        self.fraction = 0.0
 
     def __call__(self, progress):
         if not self.active:
             return
-        fraction = progress.fraction or 0.0
+        # A stage without a fraction (a decode after the steps) keeps the bar where it was.
+        if progress.fraction is not None:
+            self.fraction = progress.fraction
+        fraction = self.fraction
         bar = "#" * int(fraction * 30)
         text = " ".join(filter(None, [progress.stage, progress.message]))
         self.stream.write("\r[{:<30}] {:3.0f}% {}".format(bar, fraction * 100, text)[:120])
@@ -449,6 +455,60 @@ def cmd_say(args):
     else:
         print("wrote {}: {:.2f}s of speech at {} Hz".format(args.output, seconds,
                                                            speech["sample_rate"]))
+    return 0
+
+
+def _write_audio(args, audio, what):
+    audio.write(args.output)
+    if args.json:
+        print(json.dumps({"path": args.output, "seconds": audio.seconds,
+                          "sample_rate": audio.sample_rate,
+                          "info": _printable(audio.info)}, default=str))
+    else:
+        extra = " (seed {})".format(audio.info["seed"]) if "seed" in audio.info else ""
+        print("wrote {}: {:.2f}s of {} at {} Hz{}".format(args.output, audio.seconds, what,
+                                                         audio.sample_rate, extra))
+    return 0
+
+
+def cmd_tts(args):
+    options = {name: getattr(args, name) for name in ("voice", "mode", "prompt_text",
+                                                      "instruct_text", "speed")
+               if getattr(args, name) is not None}
+    if args.prompt_audio:
+        options["prompt_audio"] = args.prompt_audio
+    with Client(_endpoint(args), timeout=args.timeout) as client:
+        speech = client.tts(args.text, model=args.model, **options)
+    return _write_audio(args, speech, "speech")
+
+
+def cmd_text_to_audio(args):
+    options = {name: getattr(args, name) for name in ("duration", "steps", "guidance_scale",
+                                                      "seed")
+               if getattr(args, name) is not None}
+    progress = ProgressLine()
+    with Client(_endpoint(args), timeout=args.timeout) as client:
+        try:
+            sound = client.text_to_audio(args.prompt, model=args.model, on_progress=progress,
+                                         **options)
+        finally:
+            progress.finish()
+    return _write_audio(args, sound, "audio")
+
+
+def cmd_talking_head(args):
+    progress = ProgressLine()
+    with Client(_endpoint(args), timeout=args.timeout) as client:
+        try:
+            video = client.talking_head(args.audio, model=args.model, on_progress=progress)
+        finally:
+            progress.finish()
+    with open(args.output, "wb") as handle:
+        handle.write(video)
+    if args.json:
+        print(json.dumps({"path": args.output, "bytes": len(video)}))
+    else:
+        print("wrote {}: {} bytes of mp4".format(args.output, len(video)))
     return 0
 
 
@@ -534,6 +594,42 @@ def build_parser():
     say.add_argument("--model", default="espeak", help="the TTS daemon (default: espeak)")
     say.add_argument("--timeout", type=float, default=60.0)
     say.set_defaults(handler=cmd_say)
+
+    tts = sub.add_parser("tts", help="speech for TEXT from CosyVoice2 into an audio file")
+    client_options(tts)
+    tts.add_argument("text")
+    tts.add_argument("-o", "--output", required=True, help="the file to write (.wav, .flac)")
+    tts.add_argument("--voice", help="a registered voice id, or a built-in speaker (mode sft)")
+    tts.add_argument("--mode", choices=("zero_shot", "cross_lingual", "instruct", "sft"))
+    tts.add_argument("--prompt-audio", help="a WAV/FLAC file of the voice to clone (<= 30 s)")
+    tts.add_argument("--prompt-text", help="what the prompt audio says")
+    tts.add_argument("--instruct-text", help="how to say it (mode instruct)")
+    tts.add_argument("--speed", type=float)
+    tts.add_argument("--model", default="cosyvoice", help="the daemon (default: cosyvoice)")
+    tts.add_argument("--timeout", type=float, default=120.0)
+    tts.set_defaults(handler=cmd_tts)
+
+    t2a = sub.add_parser("text-to-audio", help="sound for PROMPT from TangoFlux into a file")
+    client_options(t2a)
+    t2a.add_argument("prompt")
+    t2a.add_argument("-o", "--output", required=True, help="the file to write (.wav, .flac)")
+    t2a.add_argument("--duration", type=float, help="seconds, 1 to 30")
+    t2a.add_argument("--steps", type=int, help="diffusion steps")
+    t2a.add_argument("--guidance-scale", type=float)
+    t2a.add_argument("--seed", type=int, help="the same seed gives the same sound")
+    t2a.add_argument("--model", default="tangoflux", help="the daemon (default: tangoflux)")
+    t2a.add_argument("--timeout", type=float, default=600.0)
+    t2a.set_defaults(handler=cmd_text_to_audio)
+
+    head = sub.add_parser("talking-head", help="an mp4 of a TalkingGaussian subject saying "
+                                               "AUDIO")
+    client_options(head)
+    head.add_argument("audio", help="a WAV/FLAC file of speech")
+    head.add_argument("-o", "--output", required=True, help="the mp4 to write")
+    head.add_argument("--model", default="talkinggaussian",
+                      help="the daemon of the subject (default: talkinggaussian)")
+    head.add_argument("--timeout", type=float, default=600.0)
+    head.set_defaults(handler=cmd_talking_head)
     return parser
 
 

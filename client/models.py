@@ -1,0 +1,186 @@
+"""Helpers for the three model daemons: speech, sound and talking heads as plain values.
+
+    with Client() as client:
+        speech = client.tts("Hello there.", voice="narrator")      # Audio, 24 kHz mono
+        speech.write("hello.wav")
+        sfx = client.text_to_audio("rain on a tin roof", duration=8, seed=7)   # 44.1 kHz stereo
+        video = client.talking_head(open("hello.wav", "rb").read())            # mp4 bytes
+
+Each helper is one call of the daemon's operation (see daemons/<name>/README.md
+for every argument) with the daemon name as a keyword (`model=`), since a host
+may serve several (one TalkingGaussian daemon per subject). Audio comes back as
+`Audio` (float32 samples and their rate); writing files uses soundfile, imported
+only when asked. Prompt audio may be given as file bytes or a path.
+
+Runs on Python 3.7; needs numpy for the arrays (soundfile only for Audio.write).
+"""
+
+import collections
+import os
+
+from . import protocol
+
+TTS_MODEL = "cosyvoice"
+TEXT_TO_AUDIO_MODEL = "tangoflux"
+TALKING_HEAD_MODEL = "talkinggaussian"
+
+_NOT_GIVEN = object()
+
+
+class Audio(collections.namedtuple("Audio", "samples sample_rate info")):
+    """float32 samples, shape (n,) for mono or (n, channels), their sample rate, and the
+    rest of what the daemon said (`info`: e.g. the seed it used)."""
+
+    __slots__ = ()
+
+    @property
+    def seconds(self):
+        return len(self.samples) / float(self.sample_rate)
+
+    def write(self, path, subtype="PCM_16"):
+        """Write a WAV/FLAC/OGG file (by the path's suffix) with soundfile."""
+        try:
+            import soundfile
+        except ImportError:
+            raise ImportError("writing audio files needs soundfile: pip install soundfile "
+                              "(or modelhost[host])")
+
+        soundfile.write(str(path), self.samples, self.sample_rate, subtype=subtype)
+        return path
+
+
+def audio_bytes(value):
+    """File bytes for an audio argument given as bytes or as a path to a file."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        with open(value, "rb") as handle:
+            return handle.read()
+    raise TypeError("audio must be the bytes of a WAV/FLAC file or a path to one, not {}"
+                    .format(type(value).__name__))
+
+
+def _audio(result):
+    info = {key: value for key, value in result.items() if key not in ("audio", "sample_rate")}
+    return Audio(result["audio"], result["sample_rate"], info)
+
+
+def _given(**arguments):
+    """The arguments the caller set: the daemon's defaults stand for the rest."""
+    return {name: value for name, value in arguments.items() if value is not _NOT_GIVEN}
+
+
+def _tts_arguments(text, voice, mode, prompt_audio, prompt_text, instruct_text, speed):
+    arguments = _given(text=text, voice=voice, mode=mode, prompt_text=prompt_text,
+                       instruct_text=instruct_text, speed=speed)
+    if prompt_audio is not _NOT_GIVEN:
+        arguments["prompt_audio"] = audio_bytes(prompt_audio)
+    return arguments
+
+
+class ModelCalls(object):
+    """Mixed into Client: `call` and `stream` do the work."""
+
+    def tts(self, text, voice=_NOT_GIVEN, mode=_NOT_GIVEN, prompt_audio=_NOT_GIVEN,
+            prompt_text=_NOT_GIVEN, instruct_text=_NOT_GIVEN, speed=_NOT_GIVEN,
+            model=TTS_MODEL, priority=protocol.Priority.INTERACTIVE, timeout=_NOT_GIVEN):
+        """Speech for `text` (CosyVoice2) as Audio at 24 kHz.
+
+        Modes: "zero_shot" (prompt_audio + prompt_text, or a registered
+        `voice`), "cross_lingual" (prompt_audio), "instruct" (instruct_text and
+        a voice or prompt audio), "sft" (a built-in speaker as `voice`).
+        """
+        result = self.call(model, "tts", priority=priority, arguments=_tts_arguments(
+            text, voice, mode, prompt_audio, prompt_text, instruct_text, speed),
+            **_given(timeout=timeout))
+        return _audio(result)
+
+    def tts_stream(self, text, voice=_NOT_GIVEN, mode=_NOT_GIVEN, prompt_audio=_NOT_GIVEN,
+                   prompt_text=_NOT_GIVEN, instruct_text=_NOT_GIVEN, speed=_NOT_GIVEN,
+                   model=TTS_MODEL, priority=protocol.Priority.INTERACTIVE,
+                   timeout=_NOT_GIVEN):
+        """Speech as it is made: yields Audio chunks (24 kHz) in order, for playback that
+        starts before the sentence is done."""
+        arguments = _tts_arguments(text, voice, mode, prompt_audio, prompt_text,
+                                   instruct_text, speed)
+        arguments["stream"] = True
+        stream = self.stream(model, "tts", priority=priority, arguments=arguments,
+                             **_given(timeout=timeout))
+        for chunk in stream:
+            yield _audio(chunk)
+
+    def register_voice(self, voice_id, prompt_audio, prompt_text, model=TTS_MODEL,
+                       timeout=_NOT_GIVEN):
+        """Register a voice once; `tts(..., voice=voice_id)` reuses it without its audio."""
+        return self.call(model, "register_voice", arguments={
+            "voice_id": voice_id, "prompt_audio": audio_bytes(prompt_audio),
+            "prompt_text": prompt_text}, **_given(timeout=timeout))
+
+    def text_to_audio(self, prompt, duration=_NOT_GIVEN, steps=_NOT_GIVEN,
+                      guidance_scale=_NOT_GIVEN, seed=_NOT_GIVEN, model=TEXT_TO_AUDIO_MODEL,
+                      priority=protocol.Priority.BATCH, on_progress=None,
+                      timeout=_NOT_GIVEN):
+        """Sound for a text prompt (TangoFlux) as Audio at 44.1 kHz, stereo (n, 2).
+
+        `.info["seed"]` is the seed the daemon used (a random one when none
+        was given): pass it again to get the same sound.
+        """
+        result = self.call(model, "generate", priority=priority, on_progress=on_progress,
+                           arguments=_given(prompt=prompt, duration=duration, steps=steps,
+                                            guidance_scale=guidance_scale, seed=seed),
+                           **_given(timeout=timeout))
+        return _audio(result)
+
+    def talking_head(self, audio, model=TALKING_HEAD_MODEL, priority=protocol.Priority.NORMAL,
+                     on_progress=None, timeout=_NOT_GIVEN):
+        """An mp4 (bytes, with the audio as its sound) of the daemon's subject saying `audio`
+        (WAV/FLAC bytes or a path). One daemon per subject: `model` names it."""
+        result = self.call(model, "render", priority=priority, on_progress=on_progress,
+                           arguments={"audio": audio_bytes(audio)}, **_given(timeout=timeout))
+        return bytes(result["video"])
+
+
+class AsyncModelCalls(object):
+    """The same helpers for AsyncClient: await them (tts_stream: async for)."""
+
+    async def tts(self, text, voice=_NOT_GIVEN, mode=_NOT_GIVEN, prompt_audio=_NOT_GIVEN,
+                  prompt_text=_NOT_GIVEN, instruct_text=_NOT_GIVEN, speed=_NOT_GIVEN,
+                  model=TTS_MODEL, priority=protocol.Priority.INTERACTIVE, timeout=_NOT_GIVEN):
+        return _audio(await self.call(model, "tts", priority=priority, arguments=_tts_arguments(
+            text, voice, mode, prompt_audio, prompt_text, instruct_text, speed),
+            **_given(timeout=timeout)))
+
+    async def tts_stream(self, text, voice=_NOT_GIVEN, mode=_NOT_GIVEN,
+                         prompt_audio=_NOT_GIVEN, prompt_text=_NOT_GIVEN,
+                         instruct_text=_NOT_GIVEN, speed=_NOT_GIVEN, model=TTS_MODEL,
+                         priority=protocol.Priority.INTERACTIVE, timeout=_NOT_GIVEN):
+        arguments = _tts_arguments(text, voice, mode, prompt_audio, prompt_text,
+                                   instruct_text, speed)
+        arguments["stream"] = True
+        async for chunk in self.stream(model, "tts", priority=priority, arguments=arguments,
+                                       **_given(timeout=timeout)):
+            yield _audio(chunk)
+
+    async def register_voice(self, voice_id, prompt_audio, prompt_text, model=TTS_MODEL,
+                             timeout=_NOT_GIVEN):
+        return await self.call(model, "register_voice", arguments={
+            "voice_id": voice_id, "prompt_audio": audio_bytes(prompt_audio),
+            "prompt_text": prompt_text}, **_given(timeout=timeout))
+
+    async def text_to_audio(self, prompt, duration=_NOT_GIVEN, steps=_NOT_GIVEN,
+                            guidance_scale=_NOT_GIVEN, seed=_NOT_GIVEN,
+                            model=TEXT_TO_AUDIO_MODEL, priority=protocol.Priority.BATCH,
+                            on_progress=None, timeout=_NOT_GIVEN):
+        return _audio(await self.call(
+            model, "generate", priority=priority, on_progress=on_progress,
+            arguments=_given(prompt=prompt, duration=duration, steps=steps,
+                             guidance_scale=guidance_scale, seed=seed),
+            **_given(timeout=timeout)))
+
+    async def talking_head(self, audio, model=TALKING_HEAD_MODEL,
+                           priority=protocol.Priority.NORMAL, on_progress=None,
+                           timeout=_NOT_GIVEN):
+        result = await self.call(model, "render", priority=priority, on_progress=on_progress,
+                                 arguments={"audio": audio_bytes(audio)},
+                                 **_given(timeout=timeout))
+        return bytes(result["video"])

@@ -1,0 +1,1 @@
+"""TangoFlux (declare-lab) text-to-audio daemon: `engine.TangoFluxEngine`; see README.md."""

@@ -1,0 +1,1 @@
+"""Stand-ins for upstream models in tests: objects with the real interfaces and no weights."""
