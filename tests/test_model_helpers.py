@@ -15,7 +15,9 @@ import soundfile
 import modelhost
 
 from conftest import daemon_yaml
+from standins.cosyvoice import make_layout
 from standins.tangoflux import write_placeholder_weights
+from test_cosyvoice import PROMPT, PROMPT_TEXT
 from test_talkinggaussian import decode_frames, make_files, wav_bytes
 
 pytestmark = pytest.mark.slow
@@ -32,7 +34,12 @@ def host(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     weights = write_placeholder_weights(root / "tangoflux")
     weights["device"] = "cpu"
+    (root / "cosyvoice").mkdir()
+    checkout, model_dir = make_layout(root / "cosyvoice")
     daemons = [
+        daemon_yaml("cosyvoice", engine="cosyvoice_standin_engine:CosyVoiceStandInEngine",
+                    options=flow({"checkout": checkout, "model_dir": model_dir,
+                                  "voices_dir": root / "voices"}), max_payload="32MiB"),
         daemon_yaml("tangoflux", engine="tangoflux_standin_engine:TangoFluxStandInEngine",
                     options=flow(weights), max_payload="64MiB"),
         daemon_yaml("talkinggaussian",
@@ -42,7 +49,7 @@ def host(tmp_path_factory):
     ]
     host = Host(daemons).start()
     try:
-        host.wait_ready("tangoflux", "talkinggaussian", timeout=120)
+        host.wait_ready("cosyvoice", "tangoflux", "talkinggaussian", timeout=120)
         yield host
     finally:
         host.stop()
@@ -51,6 +58,21 @@ def host(tmp_path_factory):
 def cli(host, *args):
     return subprocess.run([sys.executable, "-m", "modelhost", *args, "--endpoint",
                            host.endpoint], capture_output=True, text=True, timeout=120)
+
+
+def test_tts_with_a_registered_voice_whole_and_streamed(host, tmp_path):
+    prompt = tmp_path / "prompt.wav"
+    prompt.write_bytes(PROMPT)
+    with modelhost.Client(host.endpoint) as client:
+        registered = client.register_voice("narrator", str(prompt), PROMPT_TEXT)
+        speech = client.tts("Hello from the stand-in.", voice="narrator")
+        chunks = list(client.tts_stream("Hello from the stand-in.", voice="narrator"))
+    assert registered["voice_id"] == "narrator"
+    assert isinstance(speech, modelhost.Audio) and speech.sample_rate == 24000
+    assert speech.samples.dtype == numpy.float32 and speech.samples.ndim == 1
+    assert len(chunks) > 1 and all(chunk.sample_rate == 24000 for chunk in chunks)
+    streamed = numpy.concatenate([chunk.samples for chunk in chunks])
+    assert streamed.shape == speech.samples.shape
 
 
 def test_text_to_audio_returns_stereo_audio_and_the_seed(host):
@@ -83,6 +105,15 @@ def test_audio_files_are_accepted_as_paths(host, tmp_path):
 
 
 def test_the_command_line_verbs_write_files(host, tmp_path):
+    prompt = tmp_path / "prompt.wav"
+    prompt.write_bytes(PROMPT)
+    said = tmp_path / "said.wav"
+    done = cli(host, "tts", "Hello from the stand-in.", "-o", str(said), "--prompt-audio",
+               str(prompt), "--prompt-text", PROMPT_TEXT)
+    assert done.returncode == 0, done.stderr
+    data, rate = soundfile.read(str(said))
+    assert rate == 24000 and data.ndim == 1 and len(data) > 0
+
     out = tmp_path / "rain.wav"
     done = cli(host, "text-to-audio", "rain", "-o", str(out), "--duration", "1.5", "--steps",
                "3", "--seed", "9")
