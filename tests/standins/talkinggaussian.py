@@ -271,10 +271,11 @@ def _touch(path, content=b""):
 
 def make_checkout(root):
     """A checkout with upstream's file names (empty files), weights included."""
-    from modelhost.daemons.talkinggaussian import engine
+    from modelhost.daemons.talkinggaussian import engine, training
 
-    names = list(engine.CHECKOUT_FILES) + [engine.PROCESS, engine.TEETH_MASK, engine.TRAIN_MOUTH,
-                                           engine.TRAIN_FACE, engine.TRAIN_FUSE]
+    names = list(engine.CHECKOUT_FILES) + [training.PROCESS, training.TEETH_MASK,
+                                           training.TRAIN_MOUTH, training.TRAIN_FACE,
+                                           training.TRAIN_FUSE]
     names += [relative for relative, _ in engine.PREPROCESS_WEIGHTS]
     names.append(engine.TEETH_WEIGHTS[0])
     for name in names:
