@@ -63,6 +63,16 @@ def daemon_yaml(name, venv=None, engine="probe_engine:ProbeEngine", **settings):
     return "\n".join(lines) + "\n"
 
 
+def drain(generator):
+    """(chunks, return value) of an engine operation that is a generator."""
+    chunks = []
+    while True:
+        try:
+            chunks.append(next(generator))
+        except StopIteration as stop:
+            return chunks, stop.value
+
+
 class Host(object):
     """A real `modelhost up` (supervisor, broker and daemons as processes) in a temp dir."""
 

@@ -17,7 +17,7 @@ import numpy
 import pytest
 import soundfile
 
-from conftest import ENGINES, daemon_yaml
+from conftest import ENGINES, daemon_yaml, drain
 from modelhost.daemons.cosyvoice import audio
 from modelhost.daemons.cosyvoice.engine import (END_OF_PROMPT, UPSTREAM_COMMIT, CosyVoiceEngine,
                                                 WARMUP_PROMPT_TEXT)
@@ -66,15 +66,6 @@ def tone(seconds, rate, frequency=440.0, amplitude=0.5, channels=1):
 PROMPT_SECONDS = 2.0
 PROMPT = wav_bytes(tone(PROMPT_SECONDS, 16000), 16000)
 PROMPT_TEXT = "the words of the prompt"
-
-
-def drain(generator):
-    chunks = []
-    while True:
-        try:
-            chunks.append(next(generator))
-        except StopIteration as stop:
-            return chunks, stop.value
 
 
 def dominant_frequency(samples, rate):

@@ -13,6 +13,7 @@ import espeakng_loader  # noqa: E402,F401 (installed by tests/run: a missing one
 from modelhost.daemons.engine import CallContext, operations_of  # noqa: E402
 from modelhost.daemons.espeak.engine import EspeakEngine  # noqa: E402
 from modelhost.errors import BadArguments, Cancelled  # noqa: E402
+from conftest import drain  # noqa: E402
 
 LONG_TEXT = ("The quick brown fox jumps over the lazy dog, and then it runs far away "
              "into the forest, where nobody can find it again. ") * 20
@@ -31,15 +32,6 @@ def samples_of(audio):
 
 def rms(values):
     return math.sqrt(sum(v * v for v in values) / float(len(values))) if values else 0.0
-
-
-def drain(generator):
-    chunks = []
-    while True:
-        try:
-            chunks.append(next(generator))
-        except StopIteration as stop:
-            return chunks, stop.value
 
 
 @pytest.fixture(scope="module")

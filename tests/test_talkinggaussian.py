@@ -37,7 +37,7 @@ from modelhost.daemons.talkinggaussian import video as tg_video
 from modelhost.daemons.talkinggaussian.engine import TalkingGaussianEngine
 from modelhost.errors import BadArguments, Cancelled
 
-from conftest import ENGINES, ROOT, daemon_yaml, pid_alive
+from conftest import ENGINES, ROOT, daemon_yaml, drain, pid_alive
 
 sys.path.insert(0, str(ENGINES))
 sys.path.insert(0, str(ROOT / "tests"))
@@ -78,15 +78,6 @@ def wav_bytes(seconds, rate=16000, loud_from=None, channels=1, fmt="WAV", freque
     out = io.BytesIO()
     soundfile.write(out, samples, rate, format=fmt)
     return out.getvalue()
-
-
-def drain(generator):
-    chunks = []
-    while True:
-        try:
-            chunks.append(next(generator))
-        except StopIteration as stop:
-            return chunks, stop.value
 
 
 def decode_frames(mp4_bytes, tmp_path, name="video.mp4"):
