@@ -85,7 +85,8 @@ def test_text_to_audio_returns_stereo_audio_and_the_seed(host):
     assert isinstance(sound, modelhost.Audio)
     assert sound.sample_rate == 44100 and sound.samples.shape == (88200, 2)
     assert sound.info["seed"] == 5 and sound.seconds == pytest.approx(2.0)
-    assert numpy.array_equal(sound.samples, again.samples)
+    # To float precision: torch's CPU threads may sum in another order per call.
+    assert numpy.allclose(sound.samples, again.samples, atol=1e-6)
     assert [p.stage for p in progress].count("diffusion") == 5
 
 

@@ -523,7 +523,9 @@ def test_generate_through_modelhost_up(make_host, weights):
 
     again = client.call("sfx", "generate", prompt="rain on a tin roof", duration=3, steps=6,
                         seed=42, timeout=120)
-    assert numpy.array_equal(again["audio"], audio)
+    # The same seed, the same sound: to float precision, since torch's CPU threads
+    # may sum in another order from one call to the next.
+    assert numpy.allclose(again["audio"], audio, atol=1e-6)
     drawn = client.call("sfx", "generate", prompt="rain on a tin roof", duration=1, steps=2,
                         timeout=120)
     assert isinstance(drawn["seed"], int) and drawn["audio"].shape == (44100, 2)
