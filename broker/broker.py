@@ -26,6 +26,7 @@ from .config import Config
 from .footprints import STATE_FILE, FootprintStore, fingerprint
 from .memory import MemoryProbe, choose_probe
 from .scheduler import Action, DaemonLimits, MemoryPolicy, Request, Scheduler
+from .sd_notify import Notifier
 
 log = logging.getLogger("modelhost.broker")
 
@@ -111,6 +112,7 @@ class Broker:
         self.poller.register(self.backend, zmq.POLLIN)
         self.pidfds: dict[int, str] = {}  # fd -> daemon name
         self.stopping = False
+        self.systemd = Notifier()
 
     def _router(self, endpoint: str, max_frame: int | None = None) -> zmq.Socket:
         router = self.context.socket(zmq.ROUTER)
@@ -418,6 +420,12 @@ class Broker:
                      "counted" if device.get("external_counted") else "ignored")
         sample_s = self.config.broker.memory.sample_s
         next_sample = None
+        # Fed from this loop, so a loop that hangs stops feeding it and
+        # systemd restarts the broker.
+        watchdog_s = self.systemd.watchdog_s
+        next_watchdog = self.clock() + watchdog_s if watchdog_s else None
+        self.systemd.ready("serving {} daemons; clients at {}".format(
+            len(self.scheduler.daemons), self.config.broker.frontend))
         while not self.stopping:
             # While calls run, the probe samples them for their peaks.
             busy = any(d.running for d in self.scheduler.daemons.values())
@@ -425,7 +433,7 @@ class Broker:
                 next_sample = self.clock() + sample_s
             elif not busy:
                 next_sample = None
-            wakeup = min(filter(None, (next_heartbeat, next_sample,
+            wakeup = min(filter(None, (next_heartbeat, next_sample, next_watchdog,
                                        self.scheduler.next_wakeup())))
             timeout_ms = max(0.0, (wakeup - self.clock()) * 1000)
             for source, _ in self.poller.poll(timeout_ms):
@@ -440,9 +448,14 @@ class Broker:
             if now >= next_heartbeat:
                 next_heartbeat = now + heartbeat_s
                 self._heartbeat()
+            if next_watchdog is not None and now >= next_watchdog:
+                next_watchdog = now + watchdog_s
+                self.systemd.watchdog()
         log.info("broker stopping")
+        self.systemd.stopping()
         self.store.save()
         self.context.destroy(linger=0)
+        self.systemd.close()
         return 0
 
     def _drain(self, source) -> None:
