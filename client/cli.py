@@ -11,6 +11,7 @@ import json
 import sys
 import time
 import wave
+from pathlib import Path
 
 from . import protocol
 from ._client import Client
@@ -65,6 +66,35 @@ def _run_setup(config, names, force):
 def cmd_setup(args):
     config = _load_config_or_exit(args.config)
     return _run_setup(config, args.names, args.force)
+
+
+def cmd_install_systemd(args):
+    from modelhost.broker import systemd_units
+
+    try:
+        config = systemd_units.load_for_systemd(args.config, args.user)
+    except Exception as exc:  # ConfigError: the broker package's, imported lazily
+        print("modelhost: the configuration is not valid:\n{}".format(exc), file=sys.stderr)
+        return EXIT_USAGE
+    target = Path(args.dir) if args.dir else systemd_units.unit_dir(args.user)
+    files = systemd_units.render(config, target, user=args.user)
+    if args.dry_run:
+        for relative, text in files.items():
+            print("# --- {}\n{}".format(target / relative, text))
+        return 0
+    for relative, text in files.items():
+        path = target / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print("wrote {}".format(path), file=sys.stderr)
+    scope = "--user " if args.user else ""
+    if not args.user and not systemd_units.service_user_exists():
+        print("create the service user first: useradd --system --home-dir {} --shell "
+              "/usr/sbin/nologin {}".format(config.broker.state_dir,
+                                            systemd_units.SERVICE_USER), file=sys.stderr)
+    print("then: systemctl {0}daemon-reload && systemctl {0}enable --now modelhost.target"
+          .format(scope), file=sys.stderr)
+    return 0
 
 
 def cmd_up(args):
@@ -532,6 +562,15 @@ def build_parser():
     up.add_argument("--no-setup", action="store_true",
                     help="do not create or update the daemons' venvs first")
     up.set_defaults(handler=cmd_up)
+
+    units = sub.add_parser("install-systemd", help="render the systemd units from the "
+                                                    "configuration and install them")
+    units.add_argument("--config", help="configuration file (default: the embedded default)")
+    units.add_argument("--user", action="store_true", help="user units (systemctl --user)")
+    units.add_argument("--dir", help="where to write them (default: /etc/systemd/system, or "
+                                     "~/.config/systemd/user with --user)")
+    units.add_argument("--dry-run", action="store_true", help="print them instead")
+    units.set_defaults(handler=cmd_install_systemd)
 
     setup = sub.add_parser("setup", help="create or update the daemons' venvs")
     setup.add_argument("names", nargs="*", metavar="NAME", help="daemons (default: all)")

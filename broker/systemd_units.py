@@ -1,0 +1,110 @@
+"""Render the systemd units of systemd/ from a configuration: `modelhost install-systemd`.
+
+Under systemd, systemd is the supervisor: one unit for the broker (which then
+spawns no daemon), a template unit with one instance per configured daemon,
+each started with its own venv's interpreter, and modelhost.target to start
+and stop them all. What differs per daemon (its interpreter, its spec, its
+environment) goes into a drop-in of its instance, so the template stays one
+file.
+
+In this mode the broker cannot stop a daemon's process to free memory (it
+has no supervisor to ask): eviction goes as far as the daemon's own unload.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import sys
+from pathlib import Path
+
+from .config import Config, daemon_spec, interpreter_for, load_config
+
+UNITS = ("modelhost-broker.service", "modelhost-daemon@.service", "modelhost.target")
+SERVICE_USER = "modelhost"
+
+
+def template_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / "systemd"
+
+
+def runtime_dir_for(user: bool) -> Path:
+    """Where systemd puts RuntimeDirectory=modelhost: %t/modelhost."""
+    if user:
+        base = os.environ.get("XDG_RUNTIME_DIR") or "/run/user/{}".format(os.getuid())
+        return Path(base) / "modelhost"
+    return Path("/run/modelhost")
+
+
+def load_for_systemd(config_path: str | None, user: bool) -> Config:
+    """The configuration as the units will see it: runtime dir %t/modelhost."""
+    previous = os.environ.get("MODELHOST_RUNTIME_DIR")
+    os.environ["MODELHOST_RUNTIME_DIR"] = str(runtime_dir_for(user))
+    try:
+        return load_config(config_path)
+    finally:
+        if previous is None:
+            del os.environ["MODELHOST_RUNTIME_DIR"]
+        else:
+            os.environ["MODELHOST_RUNTIME_DIR"] = previous
+
+
+def render(config: Config, target_dir: Path, *, user: bool = False,
+           python: str | None = None) -> dict[str, str]:
+    """{relative path: text} of every file to write into `target_dir`.
+
+    The daemons' spec files go under `target_dir`/modelhost/, next to the
+    units that name them.
+    """
+    root = Path(__file__).resolve().parents[1]
+    config_path = str(config.path) if config.path else str(root / "config" / "default.yaml")
+    account = "" if user else "User={0}\nGroup={0}\n# The GPU's device nodes belong to these groups on most distributions.\n" \
+        "SupplementaryGroups=video render".format(SERVICE_USER)
+    values = {"{root}": str(root), "{python}": python or sys.executable,
+              "{config}": config_path, "{state_dir}": str(config.broker.state_dir),
+              "{account}": account,
+              "{wanted_by}": "default.target" if user else "multi-user.target",
+              "{daemons}": " ".join("modelhost-daemon@{}.service".format(name)
+                                    for name in config.daemons)}
+    files = {}
+    for unit in UNITS:
+        text = (template_dir() / unit).read_text()
+        for key, value in values.items():
+            text = text.replace(key, value)
+        files[unit] = text
+    specs = target_dir / "modelhost"
+    for name, daemon in config.daemons.items():
+        spec_path = specs / (name + ".json")
+        files["modelhost/{}.json".format(name)] = json.dumps(daemon_spec(config, name),
+                                                             indent=2) + "\n"
+        environment = "".join("Environment={}={}\n".format(key, _quote(value))
+                              for key, value in sorted(daemon.env.items()))
+        files["modelhost-daemon@{}.service.d/modelhost.conf".format(name)] = (
+            "# {} ({}), rendered from {}\n[Service]\nExecStart=\n"
+            "ExecStart={} -m modelhost.daemons.run {} --spec {}\n{}TimeoutStartSec={:.0f}\n"
+            "TimeoutStopSec={:.0f}\n").format(
+                name, daemon.engine, config_path, interpreter_for(daemon), name, spec_path,
+                environment, daemon.ready_timeout_s, daemon.stop_timeout_s)
+    return files
+
+
+def _quote(value: str) -> str:
+    return '"{}"'.format(value.replace("\\", "\\\\").replace('"', '\\"'))
+
+
+def unit_dir(user: bool) -> Path:
+    if user:
+        base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+        return Path(base) / "systemd" / "user"
+    return Path("/etc/systemd/system")
+
+
+def service_user_exists() -> bool:
+    try:
+        pwd.getpwnam(SERVICE_USER)
+        return True
+    except KeyError:
+        return False
+
+
