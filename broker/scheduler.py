@@ -386,10 +386,7 @@ class Scheduler:
 
     def on_daemon_state(self, name: str, update: dict) -> None:
         daemon = self.daemons[name]
-        now = self.clock()
-        daemon.last_seen = now
-        if isinstance(update.get("mem"), dict):
-            daemon.mem = update["mem"]
+        daemon.last_seen = self.clock()
         self._apply_state(daemon, update)
         tier = update.get("tier")
         if tier not in Tier.ALL:
