@@ -19,6 +19,9 @@ def main(argv=None) -> int:
     parser.add_argument("--config", help="configuration file (default: the embedded default)")
     parser.add_argument("--parent-pid", type=int,
                         help="exit when this supervising process is gone")
+    parser.add_argument("--systemd", choices=("system", "user"),
+                        help="the daemons are systemd units (modelhost-daemon@NAME.service) of "
+                             "this systemctl scope: stop and start them through systemctl")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -28,7 +31,7 @@ def main(argv=None) -> int:
         return 2
     protocol.configure_logging("broker", config.broker.log_level)
     try:
-        broker = Broker(config, parent_pid=args.parent_pid)
+        broker = Broker(config, parent_pid=args.parent_pid, systemd_scope=args.systemd)
     except (OSError, zmq.ZMQError) as exc:
         print("modelhost broker: cannot listen: {}".format(exc), file=sys.stderr)
         return 2

@@ -20,13 +20,16 @@ import uuid
 import zmq
 
 from modelhost import protocol
+from modelhost.protocol import DaemonState
 from modelhost.errors import ModelhostError
 
 from .config import Config
+from .events import EventLog
 from .footprints import STATE_FILE, FootprintStore, fingerprint
 from .memory import MemoryProbe, choose_probe
 from .scheduler import Action, DaemonLimits, MemoryPolicy, Request, Scheduler
 from .sd_notify import Notifier
+from .systemd_daemons import SystemdDaemons
 
 log = logging.getLogger("modelhost.broker")
 
@@ -66,7 +69,7 @@ def _listening(path: str) -> bool:
 
 class Broker:
     def __init__(self, config: Config, *, clock=time.monotonic, parent_pid: int | None = None,
-                 probe: MemoryProbe | None = None):
+                 probe: MemoryProbe | None = None, systemd_scope: str | None = None):
         self.config = config
         memory = config.broker.memory
         self.probe = probe or choose_probe(memory.probe)
@@ -113,6 +116,42 @@ class Broker:
         self.pidfds: dict[int, str] = {}  # fd -> daemon name
         self.stopping = False
         self.systemd = Notifier()
+        # The event stream: a PUB socket never blocks, and drops events for a
+        # subscriber that does not keep up rather than hold up routing.
+        self.event_socket = self.context.socket(zmq.PUB)
+        self.event_socket.setsockopt(zmq.LINGER, 0)
+        prepare_ipc(broker.events)
+        self.event_socket.bind(broker.events)
+        self.events = EventLog(sinks=[self._publish_event])
+        self.announced: dict[str, tuple] = {}  # daemon name -> (state, tier) last announced
+        # Under systemd (`--systemd system|user`) the daemons' processes are
+        # systemd's units: stopping one to free memory is a request to systemd.
+        self.units = None
+        if systemd_scope is not None:
+            self.units = SystemdDaemons(list(config.daemons), systemd_scope)
+        self.web = None
+        self.web_state = None
+        if broker.http is not None:
+            self._open_web(broker.http)
+
+    def _open_web(self, address: tuple[str, int]) -> None:
+        """The metrics and dashboard server; the broker routes on without it if it cannot."""
+        try:
+            from .metrics import Metrics
+            from .web_server import WebServer, WebState
+        except ImportError as exc:
+            log.error("no metrics or dashboard: %s (pip install 'modelhost[host]')", exc)
+            return
+        self.web_state = WebState()
+        metrics = Metrics(list(self.config.daemons), lambda: self.web_state.published.status)
+        try:
+            self.web = WebServer(address, self.web_state, metrics)
+        except OSError as exc:
+            log.error("no metrics or dashboard: cannot listen on %s:%d: %s; set broker.http "
+                      "to a free port (or null)", address[0], address[1], exc)
+            self.web_state = None
+            return
+        self.events.sinks.append(metrics.observe)
 
     def _router(self, endpoint: str, max_frame: int | None = None) -> zmq.Socket:
         router = self.context.socket(zmq.ROUTER)
@@ -163,18 +202,65 @@ class Broker:
             self.stopped_for_memory.discard(daemon.name)
         else:
             self.stopped_for_memory.add(daemon.name)
+        if self.units is not None:
+            self.units.set_running(daemon.name, running)
 
     def reply_result(self, request: Request, value) -> None:
         self._to_client(request.client, {"kind": protocol.RESULT, "id": request.id,
                                          "value": value})
+        self._ended(request, "ok")
 
     def reply_error(self, request: Request, code: str, message: str) -> None:
         log.info("daemon=%s rid=%s error %s: %s", request.model, request.id, code, message)
         self._to_client(request.client, protocol.error_header(request.id, code, message))
+        self._ended(request, code, message)
 
     def reply_cancelled(self, request: Request, message: str) -> None:
         self._to_client(request.client, {"kind": protocol.CANCELLED, "id": request.id,
                                          "message": message})
+        self._ended(request, "cancelled")
+
+    def event(self, kind: str, daemon: str | None, **fields) -> None:
+        self.events.emit(kind, daemon, **fields)
+
+    def _ended(self, request: Request, outcome: str, message: str | None = None) -> None:
+        """A request got its one terminal reply: the `request` event (and `error`)."""
+        now = self.clock()
+        started = request.started_at
+        daemon = self.scheduler.daemons.get(request.model)
+        method = request.method
+        if daemon is None or (daemon.methods is not None and method not in daemon.methods
+                              and method not in (protocol.LOAD, protocol.UNLOAD)):
+            method = None  # not a method it has: no label of its own
+        rid = str(request.id)
+        queue_s = (now if started is None else started) - request.enqueued_at
+        run_s = None if started is None else now - started
+        log.debug("daemon=%s rid=%s %s %s: queued %.3fs, ran %s", request.model, rid,
+                  request.method, outcome, queue_s, "-" if run_s is None else
+                  "{:.3f}s".format(run_s))
+        name = request.model if daemon is not None else None
+        self.events.emit("request", name, method=method, rid=rid, priority=request.priority,
+                         outcome=outcome, queue_s=queue_s, run_s=run_s)
+        if message is not None:
+            self.events.emit("error", name, level="warning", rid=rid, code=outcome,
+                             message=message)
+
+    def _publish_event(self, event: dict) -> None:
+        protocol.send(self.event_socket, protocol.encode_event(event))
+
+    def _announce_states(self) -> None:
+        """A `state` event for each daemon whose state or tier changed since the last look."""
+        for daemon in self.scheduler.daemons.values():
+            now = (daemon.state, daemon.tier)
+            before = self.announced.get(daemon.name)
+            if now == before:
+                continue
+            self.announced[daemon.name] = now
+            level = {DaemonState.FAILED: "error", DaemonState.CRASHED: "warning"}.get(
+                daemon.state, "info")
+            self.events.emit("state", daemon.name, level=level, state=daemon.state,
+                             previous=None if before is None else before[0], tier=daemon.tier,
+                             error=daemon.error)
 
     def _to_client(self, client: bytes, header: dict) -> None:
         protocol.send(self.frontend, [client] + protocol.encode(header))
@@ -257,7 +343,7 @@ class Broker:
             return
         self.scheduler.on_call(Request(
             client=client, id=request_id, model=header["model"], method=op, forward={},
-            payloads=[], priority=priority,
+            payloads=[], priority=priority, enqueued_at=self.clock(),
             action=Action.LOAD if op == protocol.LOAD else Action.UNLOAD,
             deadline=None if timeout is None else self.clock() + float(timeout)))
 
@@ -288,7 +374,7 @@ class Broker:
                      "stream": bool(header.get("stream"))},
             payloads=payloads,
             payload_bytes=sum(len(frame) for frame in payloads),
-            priority=header.get("priority", protocol.Priority.NORMAL),
+            priority=header.get("priority", protocol.Priority.NORMAL), enqueued_at=self.clock(),
             deadline=None if timeout is None else self.clock() + float(timeout))
         self.scheduler.on_call(request)
 
@@ -296,13 +382,14 @@ class Broker:
 
     def on_backend(self, frames: list) -> None:
         if len(frames) < 2:
-            log.warning("dropped a daemon message with no header frame")
+            log.warning("daemon=%s dropped a daemon message with no header frame",
+                        self.peers.get(frames[0].bytes) if frames else None)
             return
         identity, body = frames[0].bytes, frames[1:]
         try:
             header = protocol.decode_header(body[0])
         except ModelhostError as exc:
-            log.error("dropped a daemon message: %s", exc)
+            log.error("daemon=%s dropped a daemon message: %s", self.peers.get(identity), exc)
             return
         name = self.peers.get(identity)
         op = header.get("op")
@@ -335,7 +422,7 @@ class Broker:
         name = header.get("name")
         daemon = self.scheduler.on_daemon_registered(name, identity, header)
         if daemon is None:
-            log.error("a daemon named %r registered, but the configuration has no such daemon; "
+            log.error("daemon=%s registered, but the configuration has no such daemon; "
                       "ignoring it", name)
             return
         for peer in [peer for peer, owner in self.peers.items() if owner == name]:
@@ -351,14 +438,25 @@ class Broker:
     def on_daemon_reply(self, name: str | None, header: dict, body: list) -> None:
         client = header.get("client")
         if not isinstance(client, bytes):
-            log.error("daemon=%s sent a reply without its client; dropped", name)
+            log.error("daemon=%s rid=%s sent a reply without its client; dropped", name,
+                      header.get("id"))
             return
         terminal = header["kind"] in protocol.TERMINAL_KINDS
         mem = header.get("mem") if terminal else None
+        request = self.scheduler.requests.get((client, header.get("id"))) if terminal else None
         if self.scheduler.on_reply(name, client, header.get("id"), terminal,
                                    mem if isinstance(mem, dict) else None):
             # The daemon's header frame goes to the client unchanged.
             protocol.send(self.frontend, [client] + body)
+            if request is not None:
+                kind = header["kind"]
+                if kind == protocol.RESULT:
+                    self._ended(request, "ok")
+                elif kind == protocol.CANCELLED:
+                    self._ended(request, "cancelled")
+                else:
+                    self._ended(request, str(header.get("code") or "error"),
+                                str(header.get("message") or ""))
 
     # --- daemon processes ---------------------------------------------------
 
@@ -395,7 +493,10 @@ class Broker:
                        "uptime_s": self.clock() - self.started,
                        "protocol": protocol.VERSION,
                        "frontend": self.config.broker.frontend,
+                       "events": self.config.broker.events,
+                       "http": self.web.url if self.web is not None else None,
                        "config": str(self.config.path) if self.config.path else None},
+            "time": time.time(),
             "memory": {"probe": self.probe.kind, "reason": self.probe.reason,
                        "devices": self.scheduler.device_rows()},
             "daemons": self.scheduler.snapshot(),
@@ -424,6 +525,10 @@ class Broker:
         # systemd restarts the broker.
         watchdog_s = self.systemd.watchdog_s
         next_watchdog = self.clock() + watchdog_s if watchdog_s else None
+        if self.web is not None:
+            self.web.start()
+            log.info("metrics at %smetrics, dashboard at %s", self.web.url, self.web.url)
+        next_publish = self.clock()
         self.systemd.ready("serving {} daemons; clients at {}".format(
             len(self.scheduler.daemons), self.config.broker.frontend))
         while not self.stopping:
@@ -434,6 +539,7 @@ class Broker:
             elif not busy:
                 next_sample = None
             wakeup = min(filter(None, (next_heartbeat, next_sample, next_watchdog,
+                                       next_publish if self.web_state else None,
                                        self.scheduler.next_wakeup())))
             timeout_ms = max(0.0, (wakeup - self.clock()) * 1000)
             for source, _ in self.poller.poll(timeout_ms):
@@ -451,7 +557,15 @@ class Broker:
             if next_watchdog is not None and now >= next_watchdog:
                 next_watchdog = now + watchdog_s
                 self.systemd.watchdog()
+            self._announce_states()
+            if self.web_state is not None and now >= next_publish:
+                next_publish = now + self.web_state.interval_s
+                self.web_state.publish(self.status(), self.events.recent)
         log.info("broker stopping")
+        if self.web is not None:
+            self.web.close()
+        if self.units is not None:
+            self.units.close()
         self.systemd.stopping()
         self.store.save()
         self.context.destroy(linger=0)
@@ -484,6 +598,10 @@ class Broker:
         for daemon in self.scheduler.daemons.values():
             if daemon.identity is not None:
                 self._to_daemon(daemon.identity, {"op": protocol.HEARTBEAT})
+        if self.units is not None:
+            report = self.units.poll()
+            if report:
+                self.scheduler.on_supervisor_report(report)
         self._read_memory()
         if self.scheduler.take_dirty():
             self.store.mark_dirty()

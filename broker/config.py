@@ -134,18 +134,26 @@ class MemoryConfig:
         return self.devices.get(device_id, self.default)
 
 
+# Where the metrics and dashboard server listens unless configured.
+DEFAULT_HTTP = ("127.0.0.1", 9466)
+
+
 @dataclass(frozen=True)
 class BrokerConfig:
     runtime_dir: Path  # ipc sockets and daemon spec files
     state_dir: Path  # venvs and remembered state
     frontend: str  # client endpoint
     backend: str  # daemon endpoint
+    events: str  # where state changes, moves, requests and errors are published (PUB)
     heartbeat_s: float = 1.0
     liveness: int = 3
     client_liveness_s: float = 10.0
     max_payload_bytes: int = 256 * 2**20
     log_level: str = "info"  # debug|info|warning|error
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    # (host, port) of the metrics and dashboard server, loopback only; port 0
+    # takes any free port; None: no HTTP server.
+    http: tuple[str, int] | None = DEFAULT_HTTP
 
 
 @dataclass(frozen=True)
@@ -175,8 +183,10 @@ _ENV_REF = re.compile(r"\$(?:\{([^}]*)\}|(\w+))")
 # The longest ipc path libzmq accepts: sockaddr_un.sun_path is 108 bytes with its NUL.
 _MAX_IPC_PATH = 107
 
-_BROKER_KEYS = ("runtime_dir", "state_dir", "frontend", "backend", "heartbeat_s",
-                "liveness", "client_liveness_s", "max_payload", "log_level", "memory")
+_BROKER_KEYS = ("runtime_dir", "state_dir", "frontend", "backend", "events", "http",
+                "heartbeat_s", "liveness", "client_liveness_s", "max_payload", "log_level",
+                "memory")
+
 _MEMORY_KEYS = ("probe", "threshold", "external", "devices", "sample_s", "aging_s",
                 "max_skips", "priority_window_s")
 _DEVICE_KEYS = ("threshold", "external")
@@ -413,17 +423,19 @@ class _Parser:
         runtime_dir = get("runtime_dir", self.path_value, None) or _absolute(default_runtime_dir())
         state_dir = get("state_dir", self.path_value, None) or _default_state_dir()
         endpoints = {}
-        for key in ("frontend", "backend"):
+        for key in ("frontend", "backend", "events"):
             default = f"ipc://{{runtime_dir}}/{key}.sock"
             node = fields[key][1] if key in fields else None
             template = get(key, self.string, default)
             endpoints[key] = self.endpoint(template, node, f"broker.{key}", runtime_dir,
                                            state_dir, entry, fields)
-        if endpoints["frontend"] == endpoints["backend"]:
-            # Both are bound by the broker; one address cannot be bound twice.
-            key = "backend" if "backend" in fields else "frontend"
-            self.error(fields[key][1], f"broker.{key}",
-                       f"frontend and backend are the same endpoint ({endpoints['frontend']})")
+        # All three are bound by the broker; one address cannot be bound twice.
+        for first, second in (("frontend", "backend"), ("frontend", "events"),
+                              ("backend", "events")):
+            if endpoints[first] == endpoints[second]:
+                key = second if second in fields else first
+                self.error(fields[key][1] if key in fields else 1, f"broker.{key}",
+                           f"{first} and {second} are the same endpoint ({endpoints[first]})")
 
         level = get("log_level", self.string, "info")
         if isinstance(level, str) and level.lower() not in LOG_LEVELS:
@@ -443,6 +455,8 @@ class _Parser:
             max_payload_bytes=get("max_payload", self.size, 256 * 2**20),
             log_level=level.lower(),
             memory=get("memory", self.memory, MemoryConfig()),
+            events=endpoints["events"],
+            http=get("http", self.http_address, DEFAULT_HTTP),
         )
 
     def memory(self, node: Node, kp: str) -> Any:
@@ -691,6 +705,28 @@ class _Parser:
             self.error(node, kp, f"expected a string, got {self.describe(node)}")
             return _BAD
         return value
+
+    def http_address(self, node: Node, kp: str) -> Any:
+        """"HOST:PORT" on loopback; null turns the server off."""
+        value = self.scalar(node)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            self.error(node, kp, f"expected \"HOST:PORT\" or null, got {self.describe(node)}")
+            return _BAD
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            self.error(node, kp, f"expected HOST:PORT with a port from 0 (any free port) to "
+                                 f"65535, got {value!r}")
+            return _BAD
+        if not _is_loopback(host):
+            # Metrics and the dashboard have no authentication: expose them
+            # beyond this host through a proxy that has some.
+            self.error(node, kp, f"{host!r} is not a loopback address; the metrics and "
+                                 "dashboard server listens on loopback only (127.0.0.1 or "
+                                 "[::1]); put a reverse proxy in front to reach it remotely")
+            return _BAD
+        return host.strip("[]"), int(port)
 
     def integer(self, node: Node, kp: str, minimum: int) -> Any:
         value = self.scalar(node)

@@ -72,6 +72,11 @@ DISPATCH_RETRY_S = 0.05
 ABANDONED_REMEMBERED = 4096
 
 
+def _cause(request: Request) -> str:
+    """Why a daemon is loaded for this request, as a metrics label."""
+    return "load" if request.action == Action.LOAD else "request"
+
+
 class RequestState(enum.Enum):
     QUEUED = "queued"  # waiting in its daemon's queue
     RUNNING = "running"  # handed to the daemon
@@ -101,6 +106,7 @@ class Request:
     deadline: float | None = None
     state: RequestState = RequestState.QUEUED
     enqueued_at: float = 0.0
+    started_at: float | None = None  # handed to its daemon: queue time ends, run time begins
     slot: int | None = None  # index of the daemon's slot running it
     action: str = Action.CALL
     seq: int = 0  # arrival order, for first-come first-served among equals
@@ -205,6 +211,8 @@ class Effects(Protocol):
     # Memory tiers: a command to the daemon, or (stopped) to its supervisor.
     def set_tier(self, daemon: Daemon, tier: str) -> None: ...
     def set_process(self, daemon: Daemon, running: bool) -> None: ...
+    # Something people watch for happened (broker/events.py lists the kinds).
+    def event(self, kind: str, daemon: str | None, **fields: Any) -> None: ...
 
 
 class Scheduler:
@@ -380,7 +388,7 @@ class Scheduler:
             self._adopt(daemon, call)
         if target == Tier.RESIDENT and daemon.tier != Tier.RESIDENT:
             # Started to serve a waiting request: its room is still reserved.
-            self._move(daemon, Tier.RESIDENT, "started for a waiting request")
+            self._move(daemon, Tier.RESIDENT, "started for a waiting request", "request")
         self._pump()
         return daemon
 
@@ -396,6 +404,8 @@ class Scheduler:
         if daemon.state not in TRANSITIONAL and daemon.target is not None:
             self._arrived(daemon, daemon.target, update)
         if daemon.state == DaemonState.FAILED:
+            self.effects.event("error", name, level="error", rid=None, code="load_failed",
+                               message=str(daemon.error))
             self._fail_queued(daemon, "daemon_unavailable", "daemon {} failed: {}".format(
                 name, daemon.error))
         self._pump()
@@ -438,6 +448,8 @@ class Scheduler:
             log.info("daemon=%s stopped to free memory", name)
             daemon.target = None
             daemon.moves[Tier.STOPPED] = daemon.moves.get(Tier.STOPPED, 0) + 1
+            self.effects.event("moved", name, tier=Tier.STOPPED, took_s=None, failed=False,
+                               memory_bytes=None)
             daemon.state = DaemonState.STOPPED
             daemon.error = None
             self._fail_running(daemon, "daemon {} was stopped".format(name))
@@ -445,6 +457,8 @@ class Scheduler:
             self._pump()
             return
         log.warning("daemon=%s lost: %s", name, reason)
+        self.effects.event("error", name, level="error", rid=None, code="daemon_crashed",
+                           message="lost: " + reason)
         daemon.target = None
         daemon.state = DaemonState.CRASHED
         daemon.error = reason
@@ -469,6 +483,9 @@ class Scheduler:
                     daemon.state = DaemonState.STOPPED
                 continue
             if status == "failed":
+                if daemon.state != DaemonState.FAILED:
+                    self.effects.event("error", name, level="error", rid=None,
+                                       code="start_failed", message=str(process.get("error")))
                 daemon.state = DaemonState.FAILED
                 daemon.error = process.get("error")
                 self._fail_queued(daemon, "daemon_unavailable", "daemon {} failed to start: {}"
@@ -527,7 +544,7 @@ class Scheduler:
             expiry = self._ttl_expiry(daemon)
             if expiry is not None and now >= expiry:
                 self._move(daemon, Tier.UNLOADED, "idle for {:.0f}s (idle_ttl_s)".format(
-                    now - daemon.last_used))
+                    now - daemon.last_used), "idle_ttl")
         for client, seen in list(self.clients.items()):
             if now - seen > self.client_expiry_s:
                 self._drop_client(client)
@@ -646,7 +663,8 @@ class Scheduler:
     def _victims(self, device: DeviceMemory, needer: Daemon, rank_at_least: int,
                  now: float) -> list[Candidate]:
         """Idle daemons that a request of class `rank_at_least` may move down."""
-        can_stop = now - self.supervisor_seen <= SUPERVISOR_FRESH_S
+        # Reports come every heartbeat (the supervisor's, or systemctl show's).
+        can_stop = now - self.supervisor_seen <= max(SUPERVISOR_FRESH_S, self.daemon_expiry_s)
         candidates = []
         for daemon in self.book.on_device(device):
             if (daemon is needer or daemon.pinned or daemon.running or daemon.identity is None
@@ -688,8 +706,13 @@ class Scheduler:
 
     # --- tier moves ----------------------------------------------------------
 
-    def _move(self, daemon: Daemon, target: str, reason: str) -> None:
+    def _move(self, daemon: Daemon, target: str, reason: str, cause: str) -> None:
+        """Order a tier move; `cause` is its kind for metrics: room, idle_ttl, unload,
+        load, preload or request."""
         log.info("daemon=%s %s -> %s: %s", daemon.name, daemon.tier, target, reason)
+        self.effects.event("move", daemon.name, **{
+            "from": daemon.tier, "to": target, "reason": reason, "cause": cause,
+            "eviction": DEPTH[target] > DEPTH[daemon.tier]})
         daemon.target = target
         daemon.usage_before_move = self.book.usage(daemon)
         if target == Tier.STOPPED:
@@ -713,6 +736,10 @@ class Scheduler:
             self._dirty = True
         if daemon.tier == target:
             daemon.moves[target] = daemon.moves.get(target, 0) + 1
+        self.effects.event("moved", daemon.name, level="warning" if update.get("failed") else
+                           "info", tier=target, took_s=took if isinstance(took, (int, float))
+                           else None, failed=daemon.tier != target or bool(update.get("failed")),
+                           memory_bytes=measured)
         if target == Tier.RESIDENT and daemon.tier == Tier.RESIDENT:
             daemon.last_used = now
             daemon.fresh_since = now if daemon.queued() else None
@@ -845,7 +872,7 @@ class Scheduler:
                              format_bytes(daemon.footprint.at(Tier.RESIDENT)), device.id,
                              format_bytes(max(0, room)))
                     continue
-            self._move(daemon, Tier.RESIDENT, "preload")
+            self._move(daemon, Tier.RESIDENT, "preload", "preload")
 
     def _try_start(self, daemon: Daemon, request: Request, may_plan: bool, now: float) -> str:
         if daemon.unload_waiters or daemon.target is not None:
@@ -881,7 +908,7 @@ class Scheduler:
             device = self.book.device(daemon)
             limit = self.book.limit(None if device is None else device.id)
             if limit is None:
-                self._move(daemon, Tier.RESIDENT, "a request is waiting")
+                self._move(daemon, Tier.RESIDENT, "a request is waiting", _cause(request))
                 return WAITING_MEMORY
             resident, extra = self._needs(daemon, request)
             deficit = (self.book.committed(device) - self.book.usage(daemon) + resident + extra
@@ -889,7 +916,7 @@ class Scheduler:
             if deficit <= 0:
                 self._move(daemon, Tier.RESIDENT, "{} {} is waiting".format(
                     request.priority, "call of " + request.method
-                    if request.action == Action.CALL else "load"))
+                    if request.action == Action.CALL else "load"), _cause(request))
                 return WAITING_MEMORY
         never = self._never_fits(daemon, request)
         if never:
@@ -911,7 +938,7 @@ class Scheduler:
                 victim = self.daemons[step.name]
                 victim.evictions += 1
                 self._move(victim, step.target, "{}: frees {}".format(
-                    reason, format_bytes(step.frees)))
+                    reason, format_bytes(step.frees)), "room")
         return WAITING_MEMORY
 
     def _dispatch(self, daemon: Daemon, request: Request, slot: int, reserved: int) -> str:
@@ -924,6 +951,7 @@ class Scheduler:
         request.base_usage = daemon.footprint.at(Tier.RESIDENT) if measured is None else measured
         request.base_cuda = daemon.mem.get("cuda")
         request.peak_seen = 0
+        request.started_at = self.clock()
         daemon.running[request.key] = request
         if self.effects.dispatch(daemon, request) is False:
             # The slot's socket has not connected yet (a daemon that just
@@ -932,6 +960,7 @@ class Scheduler:
             request.state = RequestState.QUEUED
             request.slot = None
             request.reserved = 0
+            request.started_at = None
             daemon.queues[request.priority].appendleft(request)
             daemon.retry_at = self.clock() + DISPATCH_RETRY_S
             return BLOCKED
@@ -945,7 +974,7 @@ class Scheduler:
             if daemon.tier in (Tier.UNLOADED, Tier.STOPPED) or daemon.identity is None:
                 self._answer_unload_waiters(daemon)
             elif daemon.state not in TRANSITIONAL:
-                self._move(daemon, Tier.UNLOADED, "asked by `modelhost unload`")
+                self._move(daemon, Tier.UNLOADED, "asked by `modelhost unload`", "unload")
 
     # --- internals -----------------------------------------------------------
 
@@ -974,7 +1003,8 @@ class Scheduler:
             slot = free[0] if free else None
         request = Request(client=key[0], id=key[1], model=daemon.name,
                           method=call.get("method") or "?", forward={}, payloads=[],
-                          state=RequestState.RUNNING, enqueued_at=self.clock(), slot=slot)
+                          state=RequestState.RUNNING, enqueued_at=self.clock(),
+                          started_at=self.clock(), slot=slot)
         request.reserved = daemon.footprint.peak(request.method)
         self.requests[key] = request
         daemon.running[key] = request

@@ -8,7 +8,10 @@
 - every child is told the supervisor's pid and exits when it is gone, so no
   orphan keeps GPU memory;
 - children's output is relayed line by line with their name, and the last
-  lines are kept to explain a failed start;
+  lines are kept to explain a failed start; each child's lines (and the
+  supervisor's own lines about it) are also appended to
+  <runtime_dir>/logs/<name>.log for `modelhost logs`, rotated to
+  <name>.log.1 past LOG_MAX_BYTES;
 - the supervisor tells the broker what it knows of the processes (pid,
   restarts, start failures) and learns from the broker which daemons are
   ready, over an ordinary client connection.
@@ -41,6 +44,12 @@ TICK_S = 0.25
 BROKER = "broker"
 # The broker's exit status when it cannot start at all (python -m modelhost.broker).
 EXIT_CANNOT_START = 2
+# A child's log file moves to <name>.log.1 (replacing the older one) rather
+# than grow past this, so two files bound what a child keeps on disk.
+LOG_MAX_BYTES = 8 * 2**20
+# After a failed write to a log file (a full disk), the next try is this much later.
+LOG_RETRY_S = 30.0
+LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)s supervisor %(message)s"
 
 
 class ProcessStatus(enum.Enum):
@@ -50,6 +59,85 @@ class ProcessStatus(enum.Enum):
     BACKOFF = "backoff"  # exited; waiting out the backoff before the next start
     FAILED = "failed"  # exited before it ever became ready; will be retried after backoff
     STOPPED = "stopped"  # stopped on purpose
+
+
+class LogFile:
+    """<dir>/<name>.log: what a child printed, rotated to <name>.log.1 past LOG_MAX_BYTES.
+
+    A write never raises and never stops the relay: a failure (a full disk)
+    costs one warning, then writing is tried again every LOG_RETRY_S.
+    """
+
+    def __init__(self, name: str, directory: os.PathLike):
+        self.name = name
+        self.path = os.path.join(os.fspath(directory), name + ".log")
+        self.fd: int | None = None
+        self.size = 0
+        self.failed_at: float | None = None  # None while writes succeed
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        now = time.monotonic()
+        if self.failed_at is not None and now - self.failed_at < LOG_RETRY_S:
+            return
+        try:
+            if self.fd is None:
+                self._open()
+            if self.size and self.size + len(data) > LOG_MAX_BYTES:
+                self.close()
+                os.replace(self.path, self.path + ".1")
+                self._open()
+            view = memoryview(data)
+            while view:
+                written = os.write(self.fd, view)
+                self.size += written
+                view = view[written:]
+        except OSError as exc:
+            self.close()
+            first = self.failed_at is None
+            self.failed_at = now  # before logging: that line comes back here
+            if first:
+                log.warning("daemon=%s cannot write its log file %s (%s); its output is still "
+                            "relayed here", self.name, self.path, exc)
+            return
+        if self.failed_at is not None:
+            self.failed_at = None
+            log.info("daemon=%s writing its log file %s again", self.name, self.path)
+
+    def _open(self) -> None:
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                          0o600)
+        self.size = os.fstat(self.fd).st_size
+
+    def close(self) -> None:
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+
+
+class ChildLogHandler(logging.Handler):
+    """Copies the supervisor's lines about a child (`daemon=NAME ...`) into its log file."""
+
+    def __init__(self, children: dict):
+        super().__init__()
+        self.children = children
+        self.setFormatter(logging.Formatter(LOG_FORMAT, "%Y-%m-%dT%H:%M:%S"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if not message.startswith("daemon="):
+                return
+            child = self.children.get(message[len("daemon="):].split(" ", 1)[0])
+            if child is not None and child.log_file is not None:
+                child.log_file.write((self.format(record) + "\n").encode("utf-8", "replace"))
+        except Exception:
+            self.handleError(record)
 
 
 @dataclass(eq=False)
@@ -74,6 +162,7 @@ class Child:
     stop_deadline: float | None = None  # when a held-down child that lingers is killed
     tail: deque = field(default_factory=lambda: deque(maxlen=40))
     partial_line: bytes = b""
+    log_file: LogFile | None = None
 
     def report(self) -> dict:
         return {"status": self.status.value, "pid": self.process.pid if self.process else None,
@@ -114,6 +203,8 @@ class Supervisor:
         for name, daemon in config.daemons.items():
             if daemon.autostart:
                 self.children[name] = self._daemon_child(daemon)
+        for child in self.children.values():
+            child.log_file = LogFile(child.name, runtime / "logs")
 
     def _daemon_child(self, daemon: DaemonConfig) -> Child:
         spec_path = self.config.broker.runtime_dir / "daemons" / (daemon.name + ".json")
@@ -161,17 +252,24 @@ class Supervisor:
             return
         lines = (child.partial_line + data).split(b"\n")
         child.partial_line = lines.pop()
+        if lines:
+            self._emit(child, lines)
+
+    def _emit(self, child: Child, lines: list[bytes]) -> None:
         for line in lines:
             child.tail.append(line.decode("utf-8", "replace"))
-            self.output.write(line + b"\n")
+        block = b"".join(line + b"\n" for line in lines)
+        self.output.write(block)
         self.output.flush()
+        if child.log_file is not None:
+            child.log_file.write(block)
 
     def _reap(self, child: Child) -> None:
         if child.process is None or child.process.poll() is None:
             return
         self._relay(child)
         if child.partial_line:
-            child.tail.append(child.partial_line.decode("utf-8", "replace"))
+            self._emit(child, [child.partial_line])
             child.partial_line = b""
         self.selector.unregister(child.process.stdout)
         child.process.stdout.close()
@@ -186,7 +284,7 @@ class Supervisor:
             return
         if child.name == BROKER and code == EXIT_CANNOT_START:
             # A bad configuration or a taken endpoint: restarting cannot help.
-            log.error("the broker cannot start (see above); stopping")
+            log.error("daemon=%s cannot start (see above); stopping", BROKER)
             child.status = ProcessStatus.STOPPED
             self.stopping = True
             self.exit_code = EXIT_CANNOT_START
@@ -335,6 +433,17 @@ class Supervisor:
         self._talk_to_broker()
 
     def run(self) -> int:
+        handler = ChildLogHandler(self.children)
+        log.addHandler(handler)
+        try:
+            return self._run()
+        finally:
+            log.removeHandler(handler)
+            for child in self.children.values():
+                if child.log_file is not None:
+                    child.log_file.close()
+
+    def _run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, lambda *_: setattr(self, "stopping", True))
         # Daemons start once the broker answers: a broker that cannot start

@@ -7,8 +7,10 @@ and stop them all. What differs per daemon (its interpreter, its spec, its
 environment) goes into a drop-in of its instance, so the template stays one
 file.
 
-In this mode the broker cannot stop a daemon's process to free memory (it
-has no supervisor to ask): eviction goes as far as the daemon's own unload.
+In this mode the broker stops a daemon's process to free memory by asking
+systemd (`systemctl stop` of its instance, broker/systemd_daemons.py); a
+system broker, which runs as the `modelhost` user, may do so through the
+polkit rule rendered here.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from .config import Config, daemon_spec, interpreter_for, load_config
 
 UNITS = ("modelhost-broker.service", "modelhost-daemon@.service", "modelhost.target")
 SERVICE_USER = "modelhost"
+POLKIT_RULE = Path("/etc/polkit-1/rules.d/50-modelhost.rules")
+DAEMON_UNIT_PREFIX = "modelhost-daemon@"
+# What the broker asks systemd to do with a daemon's unit; nothing else is allowed.
+POLKIT_VERBS = ("start", "stop", "restart")
 
 
 def template_dir() -> Path:
@@ -63,7 +69,7 @@ def render(config: Config, target_dir: Path, *, user: bool = False,
         "SupplementaryGroups=video render".format(SERVICE_USER)
     values = {"{root}": str(root), "{python}": python or sys.executable,
               "{config}": config_path, "{state_dir}": str(config.broker.state_dir),
-              "{account}": account,
+              "{account}": account, "{scope}": "user" if user else "system",
               "{wanted_by}": "default.target" if user else "multi-user.target",
               "{daemons}": " ".join("modelhost-daemon@{}.service".format(name)
                                     for name in config.daemons)}
@@ -87,6 +93,39 @@ def render(config: Config, target_dir: Path, *, user: bool = False,
                 name, daemon.engine, config_path, interpreter_for(daemon), name, spec_path,
                 environment, daemon.ready_timeout_s, daemon.stop_timeout_s)
     return files
+
+
+def polkit_rule(directory: Path | None = None) -> tuple[Path, str]:
+    """(where, text) of the polkit rule that lets a system broker start and stop the daemons.
+
+    The broker runs as `modelhost`, and systemd asks polkit whether an
+    unprivileged user may manage a unit: this rule allows exactly the daemon
+    units and exactly the verbs the broker uses. With `directory` (install-systemd
+    --dir), it goes to `directory`/polkit-1/rules.d/ instead of /etc.
+    """
+    path = POLKIT_RULE if directory is None else \
+        directory / "polkit-1" / "rules.d" / POLKIT_RULE.name
+    verbs = ", ".join('"{}"'.format(verb) for verb in POLKIT_VERBS)
+    text = """// modelhost: the broker (user {user}) starts and stops the model daemons' units
+// (systemctl --no-block stop|start {prefix}NAME.service) to free GPU memory and
+// have it back. Written by `modelhost install-systemd`.
+polkit.addRule(function(action, subject) {{
+    if (action.id !== "org.freedesktop.systemd1.manage-units" || subject.user !== "{user}") {{
+        return polkit.Result.NOT_HANDLED;
+    }}
+    var unit = action.lookup("unit") || "";
+    var verb = action.lookup("verb") || "";
+    var prefix = "{prefix}", suffix = ".service";
+    if (unit.length > prefix.length + suffix.length &&
+            unit.indexOf(prefix) === 0 &&
+            unit.indexOf(suffix, unit.length - suffix.length) !== -1 &&
+            [{verbs}].indexOf(verb) !== -1) {{
+        return polkit.Result.YES;
+    }}
+    return polkit.Result.NOT_HANDLED;
+}});
+""".format(user=SERVICE_USER, prefix=DAEMON_UNIT_PREFIX, verbs=verbs)
+    return path, text
 
 
 def _quote(value: str) -> str:

@@ -136,6 +136,48 @@ class Client(ModelCalls):
             raise BrokerUnavailable("no answer from the broker at {} within {:.0f}s; is "
                                     "`modelhost up` running?".format(self.endpoint, timeout))
 
+    def events(self, kinds=None, timeout=None):
+        """Iterate the broker's events as they happen: dicts with seq, time, kind,
+        level, daemon and the fields of their kind (see `modelhost.protocol.EVENT_KINDS`
+        and the README).
+
+        `kinds` picks some (None: all). The iteration ends after `timeout`
+        seconds without an event (None: never). Events from before the
+        subscription connects are not seen, and a subscriber that falls far
+        behind loses events rather than slowing the broker: read `ps()` for
+        the current state.
+        """
+        kinds = list(protocol.EVENT_KINDS if kinds is None else kinds)
+        unknown = [kind for kind in kinds if kind not in protocol.EVENT_KINDS]
+        if unknown:
+            raise ValueError("unknown event kind(s) {}; known: {}".format(
+                ", ".join(map(repr, unknown)), ", ".join(protocol.EVENT_KINDS)))
+        endpoint = self.ps()["broker"].get("events")
+        if not endpoint:
+            raise BrokerUnavailable("the broker at {} publishes no events; it is older than "
+                                    "this client".format(self.endpoint))
+        # Subscribed now, not at the first next(): what happens from here on is seen
+        # (once ZeroMQ has connected, a few milliseconds).
+        socket = self._context.socket(zmq.SUB)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(endpoint)
+        for kind in kinds:
+            socket.setsockopt(zmq.SUBSCRIBE, kind.encode())
+        return self._event_stream(socket, kinds, timeout)
+
+    @staticmethod
+    def _event_stream(socket, kinds, timeout):
+        try:
+            while socket.poll(None if timeout is None else int(timeout * 1000)):
+                # A broker of another protocol version raises ProtocolMismatch here.
+                event = protocol.decode_event(socket.recv_multipart())
+                # Topics are prefixes: "move" also matches "moved".
+                if event.get("kind") in kinds:
+                    event.pop("v", None)
+                    yield event
+        finally:
+            socket.close(linger=0)
+
     def load(self, name, timeout=None, priority=protocol.Priority.NORMAL):
         """Make daemon `name` resident and return its `ps` row.
 

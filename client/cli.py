@@ -1,9 +1,10 @@
-"""The `modelhost` command line: up, setup, ps, call, say, load, unload, pin, unpin,
-and the model verbs tts, text-to-audio, talking-head.
+"""The `modelhost` command line: up, setup, install-systemd, logs, ps, top, events,
+call, say, load, unload, pin, unpin, and the model verbs tts, text-to-audio,
+talking-head.
 
-Client commands (all but up and setup) need only pyzmq and msgpack (the model
-verbs numpy, and soundfile to write audio). `up` and `setup` import the broker
-package lazily, as the layering rules allow.
+Client commands need only pyzmq and msgpack (the model verbs numpy, and
+soundfile to write audio; top the rich library). `up`, `setup` and
+`install-systemd` import the broker package lazily, as the layering rules allow.
 """
 
 import argparse
@@ -77,13 +78,18 @@ def cmd_install_systemd(args):
         print("modelhost: the configuration is not valid:\n{}".format(exc), file=sys.stderr)
         return EXIT_USAGE
     target = Path(args.dir) if args.dir else systemd_units.unit_dir(args.user)
-    files = systemd_units.render(config, target, user=args.user)
+    files = {target / relative: text for relative, text
+             in systemd_units.render(config, target, user=args.user).items()}
+    if not args.user:
+        # The system broker runs as user modelhost: polkit lets it start and stop
+        # the daemon units, and nothing else.
+        rule, text = systemd_units.polkit_rule(Path(args.dir) if args.dir else None)
+        files[rule] = text
     if args.dry_run:
-        for relative, text in files.items():
-            print("# --- {}\n{}".format(target / relative, text))
+        for path, text in files.items():
+            print("# --- {}\n{}".format(path, text))
         return 0
-    for relative, text in files.items():
-        path = target / relative
+    for path, text in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         print("wrote {}".format(path), file=sys.stderr)
@@ -113,6 +119,12 @@ def cmd_up(args):
     print("modelhost: starting {} daemons from {}; Ctrl-C stops everything".format(
         len(config.daemons), config.path), file=sys.stderr)
     return Supervisor(config).run()
+
+
+def cmd_logs(args):
+    from . import _logs
+
+    return _logs.main(args.name, args.lines, args.follow, args.config)
 
 
 # --- ps ------------------------------------------------------------------------
@@ -308,6 +320,8 @@ def render_status(status, wide=False):
 
 
 def cmd_ps(args):
+    if args.watch or args.count:
+        return cmd_ps_watch(args)
     with Client(_endpoint(args)) as client:
         status = client.ps(timeout=args.timeout)
     if args.json:
@@ -315,6 +329,83 @@ def cmd_ps(args):
         return 0
     print(render_status(status, wide=args.wide))
     return 0
+
+
+def event_line(event):
+    """One event for people: time, level, kind, daemon, then its own fields."""
+    fields = " ".join("{}={}".format(key, "{:.3f}".format(value) if isinstance(value, float)
+                                      else value)
+                      for key, value in event.items()
+                      if key not in ("seq", "time", "kind", "level", "daemon")
+                      and value is not None)
+    stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+    return "{}.{:03d} {:<7} {:<7} {} {}".format(
+        stamp, int(event["time"] % 1 * 1000), event["level"], event["kind"],
+        event.get("daemon") or "-", fields).rstrip()
+
+
+def cmd_events(args):
+    with Client(_endpoint(args)) as client:
+        seen = 0
+        try:
+            for event in client.events(kinds=args.kind or None, timeout=args.timeout):
+                print(json.dumps(event, default=str) if args.json else event_line(event),
+                      flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    break
+        except KeyboardInterrupt:
+            return 0
+    return 0
+
+
+def cmd_ps_watch(args):
+    """The ps table again every --interval seconds: in place on a terminal, frames apart by
+    a blank line elsewhere (one JSON line each with --json); until Ctrl-C or --count."""
+    endpoint, frames, clear = _endpoint(args), 0, sys.stdout.isatty() and not args.json
+    try:
+        while True:
+            started = time.monotonic()
+            try:
+                with Client(endpoint) as client:
+                    status = client.ps(timeout=args.timeout)
+                text, ok = (json.dumps(status, default=str) if args.json
+                            else render_status(status, wide=args.wide)), True
+            except ModelhostError as exc:  # keep watching: the broker may come back
+                text, ok = "modelhost: {}".format(exc), False
+            if clear:
+                sys.stdout.write("\033[H\033[2J")  # cursor home, clear the screen
+            elif frames and not args.json:
+                sys.stdout.write("\n")
+            print(text, flush=True)
+            frames += 1
+            if args.count and frames >= args.count:
+                return 0 if ok else EXIT_ERROR
+            time.sleep(max(0.0, args.interval - (time.monotonic() - started)))
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_top(args):
+    try:
+        from . import _top  # rich: only here, so the client library runs without it
+    except ImportError as exc:
+        if (getattr(exc, "name", None) or "").split(".")[0] != "rich":
+            raise
+        print("modelhost: `modelhost top` needs the rich library: pip install rich (or "
+              "pip install 'modelhost[host]')", file=sys.stderr)
+        return EXIT_USAGE
+    return _top.run(_endpoint(args), args.interval, args.timeout)
+
+
+def _positive(convert):
+    """An argparse type: `convert`, and more than zero."""
+    def parse(text):
+        value = convert(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError("must be more than 0, got {}".format(text))
+        return value
+    return parse
 
 
 # --- load, unload, pin, unpin ----------------------------------------------------
@@ -578,12 +669,57 @@ def build_parser():
     setup.add_argument("--force", action="store_true", help="recreate even if up to date")
     setup.set_defaults(handler=cmd_setup)
 
+    logs = sub.add_parser("logs", help="a daemon's (or the broker's) recent output under "
+                                       "`modelhost up`")
+    logs.add_argument("name", metavar="NAME", help="a daemon, or broker")
+    logs.add_argument("--config", help="the configuration `modelhost up` runs with (default: "
+                      "the embedded default's runtime dir)")
+    logs.add_argument("-n", "--lines", type=int, default=100, metavar="LINES",
+                      help="how many of the last lines to print (default: 100)")
+    logs.add_argument("-f", "--follow", action="store_true",
+                      help="then print new lines as they come, until Ctrl-C")
+    logs.set_defaults(handler=cmd_logs)
+
     ps = sub.add_parser("ps", help="list the daemons and their state")
     client_options(ps)
     ps.add_argument("--timeout", type=float, default=5.0)
     ps.add_argument("-w", "--wide", action="store_true",
                     help="every column: also device, uptime, loads, evictions, restarts")
+    ps.add_argument("--watch", action="store_true",
+                    help="print the table again every --interval seconds (in place on a "
+                         "terminal) until Ctrl-C")
+    ps.add_argument("--interval", type=_positive(float), default=1.0, metavar="S",
+                    help="seconds between frames of --watch (default 1)")
+    ps.add_argument("--count", type=_positive(int), metavar="N",
+                    help="stop after N frames (implies --watch)")
     ps.set_defaults(handler=cmd_ps)
+
+    events = sub.add_parser(
+        "events", help="print the broker's events as they happen: state changes, tier "
+        "moves, requests, errors")
+    client_options(events)
+    events.add_argument("-k", "--kind", action="append", choices=protocol.EVENT_KINDS,
+                        help="only this kind (repeatable; default: all)")
+    events.add_argument("--count", type=_positive(int), metavar="N",
+                        help="exit after N events")
+    events.add_argument("--timeout", type=_positive(float), metavar="S",
+                        help="exit after S seconds without an event")
+    events.set_defaults(handler=cmd_events)
+
+    top = sub.add_parser(
+        "top", help="a live view of devices, daemons and queues",
+        description="A live view of the broker's devices, daemons and queues, refreshed in "
+                    "place until Ctrl-C; it keeps retrying while the broker is unreachable. "
+                    "When stdout is not a terminal it prints one frame and exits (1 when the "
+                    "broker did not answer). Needs the rich library (the host extra).")
+    top.add_argument("--endpoint", help="the broker's client endpoint (default: "
+                     "$MODELHOST_ENDPOINT or the runtime dir's socket)")
+    top.add_argument("--config", help="take the endpoint from this configuration file")
+    top.add_argument("--interval", type=_positive(float), default=1.0, metavar="S",
+                     help="seconds between refreshes (default 1)")
+    top.add_argument("--timeout", type=_positive(float), default=2.0, metavar="S",
+                     help="seconds to wait for the broker's answer each refresh (default 2)")
+    top.set_defaults(handler=cmd_top)
 
     load = sub.add_parser("load", help="make a daemon resident (evicting idle ones if needed)")
     client_options(load)

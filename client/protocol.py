@@ -276,6 +276,22 @@ def decode(frames):
     return decode_header(frames[0]), frames[1:]
 
 
+# The broker's event stream (a PUB socket): frame 0 is the event's kind, which
+# subscribers filter on, frame 1 the event as a msgpack map with the version.
+EVENT_KINDS = ("state", "move", "moved", "request", "error")
+
+
+def encode_event(event):
+    return [event["kind"].encode(), msgpack.packb(dict(event, v=VERSION), use_bin_type=True)]
+
+
+def decode_event(frames):
+    """The event map of a message from the event stream; BadMessage if it is not one."""
+    if len(frames) != 2:
+        raise BadMessage("an event is two frames (kind, body), got {}".format(len(frames)))
+    return decode_header(frames[1])
+
+
 def error_header(request_id, code, message, details=None):
     header = {"kind": ERROR, "id": request_id, "code": code, "message": message}
     if details:
@@ -305,18 +321,46 @@ def interpreter_description():
                                           sys.version_info[2], sys.executable)
 
 
+def stderr_is_journal(stream=None):
+    """Whether stderr is the journal: systemd sets JOURNAL_STREAM=<dev>:<inode> of the
+    stream it connected, which a child's redirected stderr no longer matches."""
+    dev, sep, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        stat = os.fstat((stream or sys.stderr).fileno())
+        return bool(sep) and (stat.st_dev, stat.st_ino) == (int(dev), int(inode))
+    except (AttributeError, ValueError, OSError):
+        # No stderr, one without a descriptor (io.UnsupportedOperation is an
+        # OSError and a ValueError), or a malformed variable.
+        return False
+
+
 def configure_logging(component, level="info"):
     """One event a line on stderr: time, level, component, then `daemon=` / `rid=` fields.
 
     Shared by the broker, the supervisor and every daemon so that their lines,
-    interleaved in one terminal or journal, read and parse alike.
+    interleaved in one terminal or journal, read and parse alike. Under the
+    journal each line starts with its syslog priority (`<3>`, sd-daemon.h)
+    instead of a time, which the journal records itself; every line of a
+    traceback carries it, or the journal would file the rest as info.
     """
     import logging
 
+    class JournalFormatter(logging.Formatter):
+        def format(self, record):
+            level = record.levelno
+            prefix = "<{}>".format(2 if level >= logging.CRITICAL else 3 if level >= logging.ERROR
+                                   else 4 if level >= logging.WARNING
+                                   else 6 if level >= logging.INFO else 7)
+            text = logging.Formatter.format(self, record)
+            return "\n".join(prefix + line for line in text.split("\n"))
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s.%(msecs)03d %(levelname)s " + component + " %(message)s",
-        "%Y-%m-%dT%H:%M:%S"))
+    if stderr_is_journal():
+        handler.setFormatter(JournalFormatter("%(levelname)s " + component + " %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s.%(msecs)03d %(levelname)s " + component + " %(message)s",
+            "%Y-%m-%dT%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, str(level).upper(), logging.INFO))

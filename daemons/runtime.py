@@ -571,6 +571,7 @@ class Runtime(object):
             with self.running_lock:
                 ctx = self.running.get((header.get("client"), header.get("id")))
             if ctx is not None:
+                log.debug("rid=%s cancel asked by the broker", header.get("id"))
                 ctx.cancel()
         elif op == protocol.TIER:
             log.info("the broker asked for tier %s", header.get("tier"))

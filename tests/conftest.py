@@ -82,7 +82,10 @@ class Host(object):
         self.runtime = self.dir / "run"
         settings = {"runtime_dir": str(self.runtime), "state_dir": str(self.dir / "state"),
                     "heartbeat_s": 0.5, "liveness": 3, "client_liveness_s": 3.0,
-                    "log_level": "debug"}
+                    "log_level": "debug",
+                    # Every test broker serves metrics and the dashboard, on a
+                    # port of its own: status()["broker"]["http"] names it.
+                    "http": '"127.0.0.1:0"'}
         settings.update(broker_settings or {})
         text = "broker:\n" + "".join("  {}: {}\n".format(k, v) for k, v in settings.items())
         text += "daemons:\n" + "".join(daemons)

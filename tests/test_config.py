@@ -55,7 +55,9 @@ def test_all_defaults(tmp_path):
     assert config.path is None
     assert config.broker == BrokerConfig(
         runtime_dir=run, state_dir=state,
-        frontend=f"ipc://{run}/frontend.sock", backend=f"ipc://{run}/backend.sock")
+        frontend=f"ipc://{run}/frontend.sock", backend=f"ipc://{run}/backend.sock",
+        events=f"ipc://{run}/events.sock")
+    assert config.broker.http == ("127.0.0.1", 9466)
     assert config.broker.heartbeat_s == 1.0 and config.broker.liveness == 3
     assert config.broker.client_liveness_s == 10.0
     assert config.broker.max_payload_bytes == 256 * 2**20
@@ -86,6 +88,8 @@ def test_all_keys_set(tmp_path):
           state_dir: /srv/mh/state
           frontend: "ipc://{runtime_dir}/clients.sock"
           backend: tcp://127.0.0.1:5556
+          events: "ipc://{state_dir}/events.sock"
+          http: "127.0.0.1:9100"
           heartbeat_s: 0.5
           liveness: 5
           client_liveness_s: 30
@@ -120,7 +124,7 @@ def test_all_keys_set(tmp_path):
     assert config.broker == BrokerConfig(
         runtime_dir=Path("/srv/mh/run"), state_dir=Path("/srv/mh/state"),
         frontend="ipc:///srv/mh/run/clients.sock", backend="tcp://127.0.0.1:5556",
-        heartbeat_s=0.5, liveness=5, client_liveness_s=30.0, max_payload_bytes=2**30,
+        events="ipc:///srv/mh/state/events.sock", http=("127.0.0.1", 9100), heartbeat_s=0.5, liveness=5, client_liveness_s=30.0, max_payload_bytes=2**30,
         log_level="debug")
     assert list(config.daemons) == ["tts", "video"]  # file order
     tts = config.daemons["tts"]
@@ -131,10 +135,10 @@ def test_all_keys_set(tmp_path):
         pythonpath=(tmp_path / "src", Path("/abs/lib")),
         env={"OMP_NUM_THREADS": "4", "VERSION": "1.10", "NAME": "x"},  # as written
         concurrency=2, max_queue=0, max_payload_bytes=512 * 2**20, ready_timeout_s=600.0,
-        stop_timeout_s=2.5, restart=RestartPolicy(0.5, 30.0, 120.0), autostart=False, line=12)
+        stop_timeout_s=2.5, restart=RestartPolicy(0.5, 30.0, 120.0), autostart=False, line=14)
     assert isinstance(tts.ready_timeout_s, float)
     video = config.daemons["video"]
-    assert video.venv == tmp_path / "venvs/video" and video.line == 30
+    assert video.venv == tmp_path / "venvs/video" and video.line == 32
 
 
 def test_relative_paths_resolve_against_the_file_or_cwd(tmp_path, monkeypatch):

@@ -78,6 +78,7 @@ class World:
         self.replies = collections.defaultdict(list)  # request id -> [kind, ...]
         self.messages = {}
         self.commands = []  # (name, tier or "stop"/"start") in the order given
+        self.events = []  # what the scheduler emitted for people watching
         self.supervised = supervised
         self.pids = {name: 100 + i for i, name in enumerate(daemons)}
         self.peak_total = 0
@@ -111,6 +112,9 @@ class World:
     def set_process(self, daemon, running):
         self.commands.append((daemon.name, "start" if running else "stop"))
         self.pending.append((daemon.name, "start" if running else "stop"))
+
+    def event(self, kind, daemon, **fields):
+        self.events.append(dict(fields, kind=kind, daemon=daemon))
 
     # --- the outside world, step by step -------------------------------------
 

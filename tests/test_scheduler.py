@@ -41,6 +41,7 @@ class RecordingEffects:
 
     def __init__(self):
         self.effects = []
+        self.events = []
         self.messages = {}  # request id -> message of its last reply_error / reply_cancelled
         self.connected = True
 
@@ -70,6 +71,10 @@ class RecordingEffects:
 
     def set_process(self, daemon, running):
         self.effects.append(("set_process", daemon.name, running))
+
+    def event(self, kind, daemon, **fields):
+        # Kept apart from the effects: what a test of one decision asserts on.
+        self.events.append(dict(fields, kind=kind, daemon=daemon))
 
     def take(self):
         """The effects recorded since the last take."""
@@ -662,6 +667,9 @@ class World:
 
     def reply_cancelled(self, request, message):
         self._terminal(request)
+
+    def event(self, kind, daemon, **fields):
+        assert kind in ("move", "moved", "error"), kind
 
     def _terminal(self, request):
         # Every client here says hello before each call, so one missing from
