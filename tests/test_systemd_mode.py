@@ -20,11 +20,10 @@ from pathlib import Path
 
 import pytest
 
-import modelhost
 from modelhost.broker.systemd_daemons import PROPERTIES, SystemdDaemons
 from modelhost.protocol import Tier
 
-from conftest import ROOT, daemon_yaml, pid_alive
+from conftest import ROOT, Host, daemon_yaml, pid_alive
 from test_memory_host import BROKER, DECLARED, RESIDENT_MIB, THRESHOLD_MIB, MiB, Sampler
 
 STANDINS = ROOT / "tests" / "standins"
@@ -241,27 +240,18 @@ def test_a_missing_systemctl_is_logged_and_raises_nothing(tmp_path, caplog):
 
 # --- end to end: install-systemd, the units through the stand-in, a broker with --systemd -----
 
-class SystemdHost(object):
+class SystemdHost(Host):
     """Units rendered by the real install-systemd, daemons started through the stand-in,
-    and the broker alone (`python -m modelhost.broker --systemd user`)."""
+    and the broker alone (`python -m modelhost.broker --systemd user`) as the process
+    that Host watches and stops."""
 
     def __init__(self, daemons, names):
-        self.dir = Path(tempfile.mkdtemp(prefix="mh-sd-", dir="/tmp"))  # ipc paths: short
+        super().__init__(daemons, dict(BROKER, http="null"))
         self.units = self.dir / "units"
         self.units.mkdir()
         self.names = names
-        settings = dict(BROKER, runtime_dir=str(self.dir / "run"),
-                        state_dir=str(self.dir / "state"), heartbeat_s=0.5, liveness=3,
-                        client_liveness_s=3.0, log_level="debug", http="null")
-        self.config = self.dir / "config.yaml"
-        self.config.write_text(
-            "broker:\n" + "".join("  {}: {}\n".format(k, v) for k, v in settings.items())
-            + "daemons:\n" + "".join(daemons))
-        self.endpoint = "ipc://{}/frontend.sock".format(self.dir / "run")
         self.env = standin_env(self.units)
         self.log_path = self.dir / "broker.log"
-        self.broker = None
-        self._clients = []
 
     def install(self):
         done = subprocess.run([sys.executable, "-m", "modelhost", "install-systemd", "--user",
@@ -281,65 +271,28 @@ class SystemdHost(object):
 
     def start_broker(self):
         self._log = open(self.log_path, "wb")
-        self.broker = subprocess.Popen(
+        self.process = subprocess.Popen(
             [sys.executable, "-m", "modelhost.broker", "--config", str(self.config),
              "--systemd", "user"], env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True)
-
-    def client(self):
-        client = modelhost.Client(self.endpoint)
-        self._clients.append(client)
-        return client
-
-    def ps(self):
-        with modelhost.Client(self.endpoint) as client:
-            return client.ps(timeout=5.0)
-
-    def daemon(self, name):
-        return next(d for d in self.ps()["daemons"] if d["name"] == name)
 
     def calls(self):
         return calls(self.units)
 
     def log(self):
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        text = super().log()
         for name in self.names:
             path = self.units / (name + ".log")
             if path.exists():
                 text += "\n--- daemon {} ---\n{}".format(name, path.read_text(errors="replace"))
         return text
 
-    def wait_for(self, predicate, timeout=60.0, what="the condition"):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            if self.broker is not None and self.broker.poll() is not None:
-                raise AssertionError("the broker exited with {}:\n{}".format(
-                    self.broker.returncode, self.log()))
-            try:
-                last = self.ps()
-                if predicate(last):
-                    return last
-            except modelhost.ModelhostError as exc:
-                last = exc
-            time.sleep(0.1)
-        raise AssertionError("timed out waiting for {}; last status: {}\n--- log ---\n{}".format(
-            what, last, self.log()[-8000:]))
-
     def stop(self):
-        for client in self._clients:
-            client.close()
-        if self.broker is not None:
-            if self.broker.poll() is None:
-                self.broker.send_signal(signal.SIGTERM)
-                try:
-                    self.broker.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.broker.pid, signal.SIGKILL)
-                    self.broker.wait()
-            self._log.close()
-        stop_standin_units(self.units, self.names)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        # The units first: their state lives in the directory that Host.stop removes.
+        try:
+            stop_standin_units(self.units, self.names)
+        finally:
+            super().stop()  # the broker, on SIGINT
 
 
 @pytest.fixture
