@@ -235,9 +235,10 @@ class Broker:
         rid = str(request.id)
         queue_s = (now if started is None else started) - request.enqueued_at
         run_s = None if started is None else now - started
-        log.debug("daemon=%s rid=%s %s %s: queued %.3fs, ran %s", request.model, rid,
-                  request.method, outcome, queue_s, "-" if run_s is None else
-                  "{:.3f}s".format(run_s))
+        if log.isEnabledFor(logging.DEBUG):  # once per call: no formatting unless shown
+            log.debug("daemon=%s rid=%s %s %s: queued %.3fs, ran %s", request.model, rid,
+                      request.method, outcome, queue_s, "-" if run_s is None else
+                      "{:.3f}s".format(run_s))
         name = request.model if daemon is not None else None
         self.events.emit("request", name, method=method, rid=rid, priority=request.priority,
                          outcome=outcome, queue_s=queue_s, run_s=run_s)
