@@ -1,7 +1,8 @@
 """Shared fixtures: real venvs on other interpreters, and a real `modelhost up` to test against.
 
 The test venvs are built once with modelhost's own setup code into
-.cache/test-venvs (ignored by git) and reused while nothing changed.
+.cache/test-venvs (ignored by git) and reused while nothing changed. The whole
+run gets a private state dir (.cache/test-state) and runtime dir (a temp dir).
 """
 
 import os
@@ -20,6 +21,74 @@ import modelhost
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ROOT / "tests" / "engines"
 VENV_CACHE = ROOT / ".cache" / "test-venvs"
+
+
+def _own_dirs():
+    """The state and runtime dirs a modelhost of the user's own would use here."""
+    from modelhost import protocol
+    from modelhost.broker.config import _default_state_dir
+
+    return [Path(os.path.expanduser("~/.local/state/modelhost")), _default_state_dir(),
+            Path(os.path.abspath(protocol.default_runtime_dir()))]
+
+
+# A test run must never touch the user's own state (venvs, remembered footprints)
+# or the runtime dir of a modelhost the user runs: every test, and every process
+# one starts, gets private dirs from the environment, set here before any test
+# module is imported. The state dir lives under .cache so that the default
+# configuration's venv is built once, not per run; everything else in it is
+# cleared at each start, so runs do not see each other's footprints.
+OWN_DIRS = _own_dirs()
+TEST_STATE_HOME = ROOT / ".cache" / "test-state"
+TEST_STATE = TEST_STATE_HOME / "modelhost"
+TEST_RUNTIME_HOME = Path(tempfile.mkdtemp(prefix="mh-xdg-", dir="/tmp"))  # short: ipc paths
+TEST_RUNTIME = TEST_RUNTIME_HOME / "modelhost"
+TEST_STATE.mkdir(parents=True, exist_ok=True)
+for _entry in TEST_STATE.iterdir():
+    if _entry.name == "venvs":
+        continue
+    if _entry.is_dir() and not _entry.is_symlink():
+        shutil.rmtree(_entry)
+    else:
+        _entry.unlink()
+os.environ.update(MODELHOST_STATE_DIR=str(TEST_STATE), XDG_STATE_HOME=str(TEST_STATE_HOME),
+                  MODELHOST_RUNTIME_DIR=str(TEST_RUNTIME),
+                  XDG_RUNTIME_DIR=str(TEST_RUNTIME_HOME))
+os.environ.pop("MODELHOST_ENDPOINT", None)  # it would name the user's broker
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(TEST_RUNTIME_HOME, ignore_errors=True)
+
+
+def _tree(path):
+    """{relative path: (mtime_ns, size)} of everything under path; {} when it is absent."""
+    if not os.path.lexists(path):
+        return {}
+    info = os.lstat(path)
+    found = {".": (info.st_mtime_ns, info.st_size)}
+    for parent, dirs, files in os.walk(path):
+        for name in dirs + files:
+            full = os.path.join(parent, name)
+            try:
+                info = os.lstat(full)
+            except OSError:
+                continue
+            found[os.path.relpath(full, path)] = (info.st_mtime_ns, info.st_size)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_dirs_untouched():
+    """Fails the run when anything under the user's own state or runtime dir was
+    created, changed or removed while it ran (a modelhost of the user's running
+    meanwhile would do that too)."""
+    before = {path: _tree(path) for path in OWN_DIRS}
+    yield
+    for path, old in before.items():
+        new = _tree(path)
+        changed = sorted(name for name in set(old) | set(new) if old.get(name) != new.get(name))
+        assert not changed, "the tests touched {}: {}".format(path, ", ".join(changed[:20]))
 
 # Two daemons on interpreters unlike the host's, with numpy majors unlike each other.
 TEST_VENVS = {
