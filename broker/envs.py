@@ -164,6 +164,12 @@ def _setup(daemon, base: Path, root: Path, force, log, installer, result) -> Set
         # or MODELHOST_NO_UV=1 to go through pip, when a daemon needs a private index.
         _run(name, [_uv() or "uv", "pip", "install", "--python", str(venv_python), *packages], log)
     else:
+        if not _runs(venv_python, "import pip"):
+            # Made by uv (which seeds no pip), and uv is not here now: another
+            # checkout's host venv, another PATH. The interpreter's own wheel of
+            # pip (ensurepip, offline, 3.7 too) makes it updatable again.
+            log(f"{name}: {venv} has no pip (made by uv?); installing it with ensurepip")
+            _run(name, [str(venv_python), "-m", "ensurepip"], log)
         _run(name, [str(venv_python), "-m", "pip", "install", *packages], log)
     if not _runs(venv_python, "import modelhost.daemons.runtime"):
         raise _SetupFailed(f"installed, but {venv_python} cannot import "

@@ -1,6 +1,7 @@
 """modelhost.broker.envs: real venvs in tmp_path, built with real interpreters."""
 
 import json
+import os
 import subprocess
 import time
 
@@ -94,6 +95,33 @@ def test_pip_fallback_py312(tmp_path, monkeypatch, capsys):
     with capsys.disabled():
         print(f"\n[pip, 3.12] created {first.seconds:.1f}s, unchanged {second.seconds:.2f}s, "
               f"forced {forced.seconds:.1f}s")
+
+
+@pytest.mark.parametrize("python", ["3.7", "3.12"])
+def test_a_venv_made_by_uv_is_updated_without_uv(tmp_path, monkeypatch, python):
+    # uv makes venvs without pip; the next setup may run where uv is gone (another
+    # checkout's host venv, another PATH) and must still update it, through pip.
+    _need_python(python)
+    if envs._uv() is None:
+        pytest.skip("uv is not installed")
+    req = tmp_path / "requirements.txt"
+    req.write_text("# nothing yet\n")
+    venv = tmp_path / "venv"
+    daemon = _daemon("uvmade", python, venv, req)
+    made = envs.setup_daemon(daemon, log=lambda line: None, installer="uv")
+    assert made.action == "created", made.message
+    assert not (venv / "bin" / "pip").exists()
+
+    monkeypatch.setenv("PATH", os.pathsep.join(
+        d for d in os.environ["PATH"].split(os.pathsep) if not os.path.exists(os.path.join(d, "uv"))))
+    monkeypatch.setenv("MODELHOST_NO_UV", "1")  # uv also sits beside our interpreter
+    assert envs._pick_installer() == "pip"
+    req.write_text("# changed: setup must install again\n")
+    updated = envs.setup_daemon(daemon, log=lambda line: None)
+    assert updated.action == "updated", updated.message
+    assert updated.message.endswith(", pip)")
+    assert _in_venv(venv, "import pip, modelhost.daemons.runtime; print('ok')") == "ok"
+    assert envs.setup_daemon(daemon, log=lambda line: None).action == "unchanged"
 
 
 def test_venv_of_another_python_is_replaced(tmp_path):
