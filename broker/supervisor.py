@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import math
 import os
 import selectors
 import signal
@@ -37,6 +38,7 @@ from modelhost import protocol
 from modelhost.errors import ModelhostError
 
 from .config import Config, DaemonConfig, RestartPolicy, daemon_spec, interpreter_for
+from .envs import FINGERPRINT_FILE
 
 log = logging.getLogger("modelhost.supervisor")
 
@@ -58,6 +60,7 @@ class ProcessStatus(enum.Enum):
     RUNNING = "running"  # running and ready (or failed to load, which is final until reloaded)
     BACKOFF = "backoff"  # exited; waiting out the backoff before the next start
     FAILED = "failed"  # exited before it ever became ready; will be retried after backoff
+    # (or its venv is not set up: never started, see Child.setup_error)
     STOPPED = "stopped"  # stopped on purpose
 
 
@@ -159,6 +162,9 @@ class Child:
     # Stopped because the broker's memory manager asked (the "stopped" tier):
     # not restarted until the broker wants it back.
     held_down: bool = False
+    # Its venv's setup failed (or never finished): started, it could only crash-loop
+    # (`No module named 'modelhost'`), so it is never started; `ps` shows this error.
+    setup_error: str | None = None
     stop_deadline: float | None = None  # when a held-down child that lingers is killed
     tail: deque = field(default_factory=lambda: deque(maxlen=40))
     partial_line: bytes = b""
@@ -167,6 +173,16 @@ class Child:
     def report(self) -> dict:
         return {"status": self.status.value, "pid": self.process.pid if self.process else None,
                 "restarts": self.restarts, "error": self.error}
+
+
+def _venv_problem(daemon: DaemonConfig) -> str | None:
+    """Why the daemon's venv cannot run it: setup writes its fingerprint file last,
+    after the install succeeded, so without it the last setup failed or never ran
+    (`modelhost up --no-setup`)."""
+    if daemon.venv is None or (daemon.venv / FINGERPRINT_FILE).is_file():
+        return None
+    return ("not started: its venv {} is not set up (the last `modelhost setup {}` failed or "
+            "never ran)".format(daemon.venv, daemon.name))
 
 
 def describe_exit(code: int) -> str:
@@ -179,7 +195,8 @@ def describe_exit(code: int) -> str:
 
 
 class Supervisor:
-    def __init__(self, config: Config, *, output=None):
+    def __init__(self, config: Config, *, output=None, setup_failed: dict[str, str] | None = None):
+        """setup_failed: daemon name -> why its venv's setup failed (the setup's last lines)."""
         self.config = config
         self.output = output or sys.stderr.buffer
         self.selector = selectors.DefaultSelector()
@@ -202,7 +219,11 @@ class Supervisor:
             ready_timeout_s=30.0, stop_timeout_s=5.0)
         for name, daemon in config.daemons.items():
             if daemon.autostart:
-                self.children[name] = self._daemon_child(daemon)
+                child = self.children[name] = self._daemon_child(daemon)
+                child.setup_error = (setup_failed or {}).get(name) or _venv_problem(daemon)
+                if child.setup_error is not None:
+                    child.status, child.error = ProcessStatus.FAILED, child.setup_error
+                    child.next_start_at = math.inf  # no restarts either
         for child in self.children.values():
             child.log_file = LogFile(child.name, runtime / "logs")
 
@@ -222,6 +243,8 @@ class Supervisor:
     # --- processes ----------------------------------------------------------
 
     def start(self, child: Child) -> None:
+        if child.setup_error is not None:
+            return  # every way to start a child comes here: it stays failed, with no process
         try:
             child.process = subprocess.Popen(
                 child.argv, env=child.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -363,8 +386,8 @@ class Supervisor:
         """Stop the daemons the broker stopped to free memory; start them when it wants them."""
         now = time.monotonic()
         for name, child in self.children.items():
-            if name == BROKER:
-                continue
+            if name == BROKER or child.setup_error is not None:
+                continue  # a daemon never started stays `failed`, not `stopped`
             if name in wanted_stopped and not child.held_down:
                 child.held_down = True
                 if child.process is not None:
@@ -450,8 +473,10 @@ class Supervisor:
         # (a taken endpoint) must not leave daemons talking to another one.
         self.start(self.children[BROKER])
         for name, child in self.children.items():
-            if name != BROKER:
+            if name != BROKER and child.setup_error is None:
                 child.status = ProcessStatus.PENDING
+            elif name != BROKER:
+                log.error("daemon=%s %s", name, child.setup_error)  # also for `modelhost logs`
         while not self.stopping:
             for key, _ in self.selector.select(TICK_S):
                 self._relay(key.data)

@@ -47,13 +47,14 @@ def _load_config_or_exit(path):
 
 
 def _run_setup(config, names, force):
+    """(exit status, [SetupResult]): setup of the named daemons (all by default)."""
     from modelhost.broker import envs
 
     unknown = [name for name in names if name not in config.daemons]
     if unknown:
         print("modelhost: no daemon named {}; the configuration has: {}".format(
             ", ".join(unknown), ", ".join(config.daemons)), file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_USAGE, []
     daemons = [config.daemons[name] for name in (names or config.daemons)]
     results = envs.setup_all(daemons, force=force,
                              log=lambda line: print(line, file=sys.stderr, flush=True))
@@ -61,12 +62,12 @@ def _run_setup(config, names, force):
         print("{:<10} {}".format(result.action, result.message), file=sys.stderr)
         for line in getattr(result, "cannot", None) or []:
             print("{:<10} {}: not here: {}".format("", result.name, line), file=sys.stderr)
-    return EXIT_ERROR if any(r.action == "failed" for r in results) else 0
+    return (EXIT_ERROR if any(r.action == "failed" for r in results) else 0), results
 
 
 def cmd_setup(args):
     config = _load_config_or_exit(args.config)
-    return _run_setup(config, args.names, args.force)
+    return _run_setup(config, args.names, args.force)[0]
 
 
 def cmd_install_systemd(args):
@@ -106,19 +107,29 @@ def cmd_install_systemd(args):
 def cmd_up(args):
     config = _load_config_or_exit(args.config)
     protocol.configure_logging("supervisor", config.broker.log_level)
+    setup_failed = {}
     if not args.no_setup:
         # Idempotent and quick when nothing changed; on a fresh machine this
         # is what builds the daemons' venvs.
         names = [name for name, daemon in config.daemons.items() if daemon.autostart]
-        if _run_setup(config, names, force=False) != 0:
-            print("modelhost: setting up a daemon's environment failed (see above); fix it or "
-                  "start with --no-setup", file=sys.stderr)
-            return EXIT_ERROR
+        # A daemon whose setup failed is not started from its broken venv (it could
+        # only crash-loop); it shows `failed` in ps with the setup's last lines, and
+        # the other daemons start.
+        for result in _run_setup(config, names, force=False)[1]:
+            if result.action == "failed":
+                detail = result.message[len(result.name) + 2:] \
+                    if result.message.startswith(result.name + ": ") else result.message
+                setup_failed[result.name] = "not started: its venv setup failed (fix it, then " \
+                    "`modelhost setup {}`): {}".format(result.name, detail)
+        if setup_failed:
+            print("modelhost: setting up {} failed (see above): not starting {}; the others "
+                  "start".format(", ".join(setup_failed), "it" if len(setup_failed) == 1
+                                 else "them"), file=sys.stderr)
     from modelhost.broker.supervisor import Supervisor
 
     print("modelhost: starting {} daemons from {}; Ctrl-C stops everything".format(
         len(config.daemons), config.path), file=sys.stderr)
-    return Supervisor(config).run()
+    return Supervisor(config, setup_failed=setup_failed).run()
 
 
 def cmd_logs(args):

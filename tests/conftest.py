@@ -165,11 +165,12 @@ class Host(object):
         self.process = None
         self._clients = []
 
-    def start(self, *extra):
+    def start(self, *extra, setup=False):
+        """setup: let `up` set up the daemons' venvs first (the tests' venvs are built already)."""
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "modelhost.cli", "up", "--config", str(self.config),
-             "--no-setup"] + list(extra),
+            [sys.executable, "-m", "modelhost.cli", "up", "--config", str(self.config)]
+            + ([] if setup else ["--no-setup"]) + list(extra),
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
