@@ -5,6 +5,7 @@ The test venvs are built once with modelhost's own setup code into
 run gets a private state dir (.cache/test-state) and runtime dir (a temp dir).
 """
 
+import atexit
 import os
 import shutil
 import signal
@@ -55,10 +56,7 @@ os.environ.update(MODELHOST_STATE_DIR=str(TEST_STATE), XDG_STATE_HOME=str(TEST_S
                   MODELHOST_RUNTIME_DIR=str(TEST_RUNTIME),
                   XDG_RUNTIME_DIR=str(TEST_RUNTIME_HOME))
 os.environ.pop("MODELHOST_ENDPOINT", None)  # it would name the user's broker
-
-
-def pytest_unconfigure(config):
-    shutil.rmtree(TEST_RUNTIME_HOME, ignore_errors=True)
+atexit.register(shutil.rmtree, TEST_RUNTIME_HOME, ignore_errors=True)
 
 
 def _tree(path):
