@@ -173,6 +173,10 @@ class Daemon:
     queues: dict = field(default_factory=lambda: {p: deque() for p in Priority.ALL})
     running: dict = field(default_factory=dict)  # RequestKey -> Request
     process: dict = field(default_factory=dict)  # what the supervisor reports
+    # Pids of its processes that got past their first load (latest last): the
+    # supervisor learns readiness here, so a process that is ready only
+    # between two of its polls and then crashes is not taken for a failed start.
+    ready_pids: deque = field(default_factory=lambda: deque(maxlen=4))
     # --- memory ---
     footprint: Footprint = field(default_factory=Footprint)
     tier: str = Tier.STOPPED
@@ -390,6 +394,7 @@ class Scheduler:
             # Started to serve a waiting request: its room is still reserved.
             self._move(daemon, Tier.RESIDENT, "started for a waiting request", "request")
         self._pump()
+        self._note_ready(daemon)
         return daemon
 
     def on_daemon_state(self, name: str, update: dict) -> None:
@@ -409,6 +414,7 @@ class Scheduler:
             self._fail_queued(daemon, "daemon_unavailable", "daemon {} failed: {}".format(
                 name, daemon.error))
         self._pump()
+        self._note_ready(daemon)
 
     def on_daemon_seen(self, name: str, mem: dict | None = None) -> None:
         daemon = self.daemons[name]
@@ -478,6 +484,10 @@ class Scheduler:
             if daemon.identity is not None:
                 continue
             status = process.get("status")
+            if status == "failed" and process.get("exited_pid") in daemon.ready_pids:
+                # That process was ready, then died: a crash, which the
+                # supervisor restarts; queued calls wait for it.
+                status = "backoff"
             if daemon.want_stopped:
                 if status == "stopped":
                     daemon.state = DaemonState.STOPPED
@@ -561,13 +571,7 @@ class Scheduler:
         now = self.clock()
         rows = []
         for daemon in self.daemons.values():
-            state = daemon.state
-            if state == DaemonState.READY and daemon.running:
-                state = DaemonState.BUSY
-            if daemon.target is not None and daemon.identity is not None \
-                    and state not in TRANSITIONAL:
-                # Ordered, not yet begun: say so, or a load looks like idleness.
-                state = MOVING_STATE.get((daemon.tier, daemon.target), state)
+            state = self._shown_state(daemon)
             expiry = self._ttl_expiry(daemon)
             rows.append({
                 "name": daemon.name,
@@ -597,8 +601,28 @@ class Scheduler:
                 "ttl_s": None if expiry is None else max(0.0, expiry - now),
                 "evictions": daemon.evictions,
                 "moves": dict(daemon.moves),
+                "ready_pids": list(daemon.ready_pids),
             })
         return rows
+
+    def _shown_state(self, daemon: Daemon) -> str:
+        state = daemon.state
+        if state == DaemonState.READY and daemon.running:
+            state = DaemonState.BUSY
+        if daemon.target is not None and daemon.identity is not None \
+                and state not in TRANSITIONAL:
+            # Ordered, not yet begun: say so, or a load looks like idleness.
+            state = MOVING_STATE.get((daemon.tier, daemon.target), state)
+        return state
+
+    def _note_ready(self, daemon: Daemon) -> None:
+        """Remember its process as ready once registered and past the load ordered
+        when it came up (if there was room for one), as `ps` would show it."""
+        if daemon.identity is None or not daemon.pid or daemon.pid in daemon.ready_pids:
+            return
+        if self._shown_state(daemon) not in (DaemonState.STARTING, DaemonState.LOADING,
+                                             DaemonState.CRASHED, DaemonState.STOPPED):
+            daemon.ready_pids.append(daemon.pid)
 
     def device_rows(self) -> list[dict]:
         return self.book.device_rows()

@@ -158,6 +158,8 @@ class Child:
     restarts: int = 0
     crashes_in_a_row: int = 0  # drives the backoff; reset after a stable run
     ever_ready: bool = False  # whether this run of the process became ready
+    exited_pid: int | None = None  # its last process, once that exited
+    exit_how: str = ""  # and how it ended
     error: str | None = None
     # Stopped because the broker's memory manager asked (the "stopped" tier):
     # not restarted until the broker wants it back.
@@ -172,6 +174,8 @@ class Child:
 
     def report(self) -> dict:
         return {"status": self.status.value, "pid": self.process.pid if self.process else None,
+                # Which process a "failed" is about: the broker knows whether it was ready.
+                "exited_pid": None if self.process else self.exited_pid,
                 "restarts": self.restarts, "error": self.error}
 
 
@@ -245,6 +249,7 @@ class Supervisor:
     def start(self, child: Child) -> None:
         if child.setup_error is not None:
             return  # every way to start a child comes here: it stays failed, with no process
+        child.exited_pid = None
         try:
             child.process = subprocess.Popen(
                 child.argv, env=child.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -298,6 +303,7 @@ class Supervisor:
         child.process.stdout.close()
         code = child.process.returncode
         how = describe_exit(code)
+        child.exited_pid, child.exit_how = child.process.pid, how
         child.process = None
         if self.stopping or child.held_down:
             child.status = ProcessStatus.STOPPED
@@ -406,14 +412,23 @@ class Supervisor:
     def _note_readiness(self) -> None:
         for name, row in self.states.items():
             child = self.children.get(name)
-            if child is None or child.process is None or row.get("pid") != child.process.pid:
+            if child is None:
                 continue
-            state = row.get("state")
             # Ready: registered, and past the load the broker ordered when
             # it came up (if it had room for one); a hung first load is
-            # caught by ready_timeout_s like a hung start.
-            if state not in (protocol.DaemonState.STARTING, protocol.DaemonState.LOADING,
-                             protocol.DaemonState.CRASHED, protocol.DaemonState.STOPPED):
+            # caught by ready_timeout_s like a hung start. The broker keeps
+            # the pids that got there, so a process ready only between two
+            # replies is known to have been ready even after it died.
+            ready_pids = row.get("ready_pids") or ()
+            if child.process is None:
+                if child.status is ProcessStatus.FAILED and child.exited_pid in ready_pids:
+                    child.status = ProcessStatus.BACKOFF
+                    child.error = child.exit_how
+                    log.info("daemon=%s had become ready (the broker says) before it ended (%s):"
+                             " a crash, not a failed start", name, child.exit_how)
+                continue
+            state = row.get("state")
+            if child.process.pid in ready_pids:
                 if child.status is ProcessStatus.STARTING:
                     child.status = ProcessStatus.RUNNING
                     child.ever_ready = True

@@ -325,6 +325,44 @@ def test_a_daemon_that_cannot_start_shows_its_output_and_is_retried(make_host):
     assert host.client().call("probe", "add", a=1) == 1
 
 
+def test_a_daemon_killed_right_after_it_became_ready_keeps_its_queue_for_the_restart(make_host):
+    # The supervisor asks the broker twice a second which daemons are ready; a
+    # process killed the moment ps shows it serving was most likely never seen
+    # ready by it, and must still count as a crash, not a failed start.
+    host = make_host([daemon_yaml("probe", max_queue=64,
+                                  restart="{backoff_s: 0.1, max_backoff_s: 0.1}")]).start()
+    host.wait_ready("probe")
+    client = host.client()
+    killed, sleeps, adds = [], [], []
+    for round_ in range(5):
+        # Queued while the daemon is (about to be) down: a sleep that holds the
+        # next process's slot, and two calls behind it that must wait.
+        sleeps.append(client.stream("probe", "sleep", seconds=60))
+        adds += [(round_ * 10 + i, client.stream("probe", "add", a=round_ * 10, b=i))
+                 for i in (1, 2)]
+        deadline = time.monotonic() + 60
+        while True:
+            # The same client: the broker has its calls before it answers ps.
+            row = client.ps()["daemons"][0]
+            assert row["queued"] + row["running"] > 0 and row["state"] != "failed", \
+                "the queued calls were answered, not kept for the restart: {}\n{}".format(
+                    row, host.log()[-4000:])
+            # Busy with two queued: the sleep runs and only this round's adds wait.
+            if row["pid"] not in killed and row["state"] == "busy" and row["queued"] == 2:
+                break
+            assert time.monotonic() < deadline, "no new process served the sleep:\n" + host.log()
+            time.sleep(0.01)
+        os.kill(row["pid"], signal.SIGKILL)
+        killed.append(row["pid"])
+    for expected, stream in adds:
+        assert list(stream) == [] and stream.result == expected
+    for stream in sleeps:
+        with pytest.raises(modelhost.DaemonCrashed):
+            list(stream)
+    row = host.wait_ready("probe")["daemons"][0]
+    assert row["pid"] not in killed and killed[-1] in row["ready_pids"]
+
+
 def test_killing_the_supervisor_leaves_no_orphans(make_host):
     host = make_host([daemon_yaml("probe")]).start()
     host.wait_ready("probe")

@@ -524,6 +524,43 @@ def test_supervisor_report_failed_start_fails_queued(h):
     assert h.take() == []
 
 
+def test_ready_pids_name_each_process_that_got_past_its_first_load(h):
+    h.call(1)  # waiting work: the daemon is loaded as soon as it registers
+    h.register(pid=100, state=DaemonState.UNLOADED, tier="unloaded")
+    assert h.take() == [("set_tier", "tts", "resident")]
+    assert h.scheduler.row("tts")["state"] == DaemonState.LOADING
+    assert h.scheduler.row("tts")["ready_pids"] == []
+    h.scheduler.on_daemon_state("tts", {"state": DaemonState.LOADING, "tier": "unloaded"})
+    assert h.scheduler.row("tts")["ready_pids"] == []
+    h.scheduler.on_daemon_state("tts", {"state": DaemonState.READY, "tier": "resident"})
+    assert h.take() == [("dispatch", "tts", 1)]
+    assert h.scheduler.row("tts")["ready_pids"] == [100]
+    # Still known once the process is gone: what the supervisor asks about.
+    h.scheduler.on_daemon_lost("tts", "the process exited")
+    assert h.scheduler.row("tts")["ready_pids"] == [100]
+
+
+def test_supervisor_report_failed_for_a_process_that_was_ready_is_a_crash(h):
+    # The supervisor polls; a process ready only between two of its polls
+    # and then killed looks to it like a failed start. The broker knows better.
+    h.register(pid=100, state=DaemonState.LOADING)
+    h.scheduler.on_daemon_state("tts", {"state": DaemonState.READY})
+    h.call(1)
+    h.call(2)
+    h.scheduler.on_daemon_lost("tts", "the process exited")
+    assert h.take() == [("dispatch", "tts", 1), ("reply_error", 1, "daemon_crashed")]
+    h.scheduler.on_supervisor_report({"tts": {"status": "failed", "pid": None,
+                                              "exited_pid": 100, "error": "killed by SIGKILL"}})
+    assert h.take() == []  # call 2 waits for the restart
+    assert h.tts.state == DaemonState.CRASHED
+    # Its next process dies before it ever got ready: that is a failed start.
+    h.scheduler.on_supervisor_report({"tts": {"status": "starting", "pid": 101}})
+    h.scheduler.on_supervisor_report({"tts": {"status": "failed", "pid": None,
+                                              "exited_pid": 101, "error": "exited with code 1"}})
+    assert h.take() == [("reply_error", 2, "daemon_unavailable")]
+    assert h.tts.state == DaemonState.FAILED
+
+
 def test_supervisor_report_stopped_fails_queued(h):
     h.call(1)
     h.scheduler.on_supervisor_report({"tts": {"status": "stopped"}})
