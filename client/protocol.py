@@ -23,6 +23,7 @@ a value is an array and numpy is importable).
 
 import os
 import sys
+import threading
 
 import msgpack
 import zmq
@@ -106,10 +107,38 @@ _EXT_ARRAY = 2  # data: msgpack [frame index, numpy dtype str, shape]
 _BINARY_TYPES = (bytes, bytearray, memoryview)
 
 
+_numpy_lock = threading.Lock()
+_numpy_whole = None  # the numpy module, once seen fully imported
+
+
 def _numpy():
     # Only a numpy that someone already imported: a value cannot be an array
     # otherwise, and the broker and numpy-less daemons never import it.
-    return sys.modules.get("numpy")
+    global _numpy_whole
+    numpy = sys.modules.get("numpy")
+    if numpy is None or numpy is _numpy_whole:
+        return numpy
+    if getattr(getattr(numpy, "__spec__", None), "_initializing", False):
+        # Another thread is importing it (a call's first array on another
+        # slot, an engine's load): until it is done its attributes are
+        # missing, so wait for it.
+        return _import_numpy()
+    _numpy_whole = numpy
+    return numpy
+
+
+def _import_numpy():
+    """numpy, imported whole, or None where it is not installed.
+
+    One import at a time: a slot thread must never see the module another
+    one is still importing.
+    """
+    with _numpy_lock:
+        try:
+            import numpy
+        except ImportError:
+            return None
+    return numpy
 
 
 def _dtype_to_wire(dtype):
@@ -184,9 +213,8 @@ def _resolve(ext, frames):
             raise BadMessage("an array reference must be [frame, dtype, shape]")
         index, dtype, shape = meta
         frame = _frame_at(frames, index)
-        try:
-            import numpy
-        except ImportError:
+        numpy = _import_numpy()
+        if numpy is None:
             # No numpy here: hand over the raw data with what is needed to rebuild it.
             return {"dtype": dtype, "shape": shape, "data": bytes(_buffer(frame))}
         try:

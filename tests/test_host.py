@@ -39,6 +39,28 @@ def test_daemons_in_separate_venvs_report_their_own_interpreter_and_numpy(make_h
         assert echoed.dtype == data.dtype and numpy.array_equal(echoed, data)
 
 
+def test_first_array_call_while_another_slot_answers_on_fresh_daemons(make_host, test_venvs):
+    # Each daemon is a fresh interpreter with numpy not imported yet: the
+    # first call carrying an array imports it on one slot while the other slot
+    # answers calls; none of them may meet numpy half imported.
+    names = ["{}-{}".format(venv, i) for venv in ("py37", "py312") for i in range(2)]
+    host = make_host([daemon_yaml(name, test_venvs[name.split("-")[0]], concurrency=2,
+                                  max_queue=64) for name in names]).start()
+    host.wait_ready(*names)
+    client = host.client()
+    data = numpy.arange(100000, dtype="<f4")
+    streams = []
+    for name in names:
+        streams.append((name, "echo", client.stream(name, "echo", data=data)))
+        streams += [(name, i, client.stream(name, "add", a=i)) for i in range(40)]
+    for name, what, stream in streams:
+        assert list(stream) == []
+        if what == "echo":
+            assert numpy.array_equal(stream.result["data"], data), name
+        else:
+            assert stream.result == what, name
+
+
 def test_second_call_does_not_reload(probe_host):
     client = probe_host.client()
     first = client.call("probe", "info")

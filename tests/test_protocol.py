@@ -2,6 +2,8 @@
 
 import inspect
 import re
+import subprocess
+import sys
 
 import msgpack
 import numpy
@@ -261,6 +263,106 @@ def test_internalize_without_numpy_hands_over_raw_data(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_numpy)
     assert protocol.internalize(reference, frames) == {
         "dtype": "<i2", "shape": [3], "data": b"\x00\x00\x01\x00\x02\x00"}
+
+
+# A fresh interpreter whose numpy import stops inside numpy's own __init__
+# (numpy is in sys.modules, not yet whole) until every other thread either
+# finished its protocol work or waits for that import.
+NUMPY_IMPORT_RACE = r"""
+import importlib.machinery, sys, threading, time
+import msgpack
+from modelhost import protocol
+
+assert "numpy" not in sys.modules
+importing, go = threading.Event(), threading.Event()
+
+
+class Paused(object):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        importing.set()
+        go.wait()
+        self.loader.exec_module(module)
+
+
+class PauseFirstNumpySubmodule(object):
+    def find_spec(self, name, path, target=None):
+        if not name.startswith("numpy.") or importing.is_set():
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        spec.loader = Paused(spec.loader)
+        return spec
+
+
+sys.meta_path.insert(0, PauseFirstNumpySubmodule())
+array_ref = msgpack.ExtType(2, msgpack.packb([0, "<i4", [2]]))
+frames = [b"\x01\x00\x00\x00\x02\x00\x00\x00"]
+outcomes = {}
+
+
+def run(name, work):
+    try:
+        outcomes[name] = work()
+    except Exception as exc:
+        outcomes[name] = exc
+
+
+def first_array():  # a call's first array: it imports numpy
+    return protocol.internalize({"a": array_ref}, frames)["a"].tolist()
+
+
+def another_array():  # the same, on another slot
+    return protocol.internalize({"a": array_ref}, frames)["a"].tolist()
+
+
+def a_result():  # another slot's reply, with no array in it
+    return len(protocol.encode_value_message({"kind": "result"}, "value", {"n": 1}))
+
+
+def waiting_for_numpy(thread):
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_name in ("_import_numpy", "_lock_unlock_module"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+importer = threading.Thread(target=run, args=("first_array", first_array))
+importer.start()
+importing.wait()
+assert sys.modules["numpy"].__spec__._initializing
+others = [threading.Thread(target=run, args=(name, work))
+          for name, work in (("another_array", another_array), ("a_result", a_result))]
+for thread in others:
+    thread.start()
+deadline = time.monotonic() + 60  # only bounds a hang; no outcome depends on it
+while not all(not t.is_alive() or waiting_for_numpy(t) for t in others):
+    assert time.monotonic() < deadline, "threads neither done nor waiting for numpy"
+    time.sleep(0.001)
+go.set()
+for thread in [importer] + others:
+    thread.join()
+print(outcomes)
+assert outcomes == {"first_array": [1, 2], "another_array": [1, 2], "a_result": 1}, outcomes
+"""
+
+
+@pytest.mark.parametrize("python", ["host", "py37", "py312"])
+def test_a_thread_never_sees_numpy_half_imported_by_another(python, request):
+    # A daemon's slots are threads: the first call carrying an array imports
+    # numpy, and meanwhile a reply on another slot must not meet the module
+    # half made ("partially initialized module 'numpy' has no attribute ...").
+    interpreter = sys.executable if python == "host" else str(
+        request.getfixturevalue("test_venvs")[python] / "bin" / "python")
+    done = subprocess.run([interpreter, "-c", NUMPY_IMPORT_RACE], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=120)
+    assert done.returncode == 0, done.stdout.decode(errors="replace")
 
 
 # --- bad references --------------------------------------------------------------
