@@ -3,6 +3,7 @@
 import array
 import math
 import os
+import re
 import threading
 import time
 
@@ -92,6 +93,37 @@ def test_rate_changes_duration(engine):
 def test_voice_spellings(engine):
     for voice in ("en", "EN-us", "English (America)", "de", "en+f3"):
         assert engine.tts(make_ctx(), "hallo", voice=voice)["samples"] > 0
+
+
+def test_every_listed_voice_speaks(engine):
+    # espeak_SetVoiceByName takes voice files, not language codes: "en-gb" is a
+    # language of the file gmw/en and failed with EE_NOT_FOUND although listed.
+    voices = engine.voices(make_ctx())
+    assert {"en-gb", "en", "en-us", "no", "zh", "es-mx", "pt-pt"} <= set(voices)
+    for voice in voices:
+        result = engine.tts(make_ctx(), "hello world, one two three", voice=voice)
+        assert rms(samples_of(result["audio"])) > 300, voice  # speech, not silence
+
+
+def test_every_voice_the_readme_suggests_speaks(engine):
+    readme = open(os.path.join(os.path.dirname(__file__), os.pardir, "daemons", "espeak",
+                               "README.md")).read()
+    bullet = readme[readme.index("- `voice`:"):readme.index("- `rate`:")]
+    suggested = [name for name in re.findall(r"`([^`]+)`", bullet)
+                 if name not in ("voice", "voices", "bad_arguments")]
+    assert "en-gb" in suggested and "English (America)" in suggested
+    for voice in suggested:
+        result = engine.tts(make_ctx(), "hello", voice=voice)
+        assert rms(samples_of(result["audio"])) > 300, voice
+
+
+def test_unknown_voice_lists_valid_ones_bounded(engine):
+    with pytest.raises(BadArguments) as info:
+        engine.tts(make_ctx(), "hello", voice="qqqq")
+    message = info.value.message
+    assert "unknown voice 'qqqq'" in message and "valid voices: af, " in message
+    assert "{} in all".format(len(engine.voices(make_ctx()))) in message
+    assert len(message) < 600
 
 
 def test_unknown_voice_names_close_ones(engine):
@@ -279,6 +311,27 @@ def test_failed_initialize_is_an_error_not_an_exit(released, tmp_path):
         assert good.tts(make_ctx(), "fine")["samples"] > 0
     finally:
         good.unload()
+
+
+def test_a_voice_whose_dictionary_is_missing_is_left_out(released, tmp_path):
+    import espeakng_loader
+    data = espeakng_loader.get_data_path()
+    partial = tmp_path / "espeak-ng-data"
+    partial.mkdir()
+    for name in os.listdir(data):
+        if name != "de_dict":
+            os.symlink(os.path.join(data, name), str(partial / name))
+    other = EspeakEngine(data=str(partial))
+    other.load()
+    try:
+        voices = other.voices(make_ctx())
+        assert "de" not in voices and "en-gb" in voices
+        with pytest.raises(BadArguments) as info:
+            other.tts(make_ctx(), "hallo", voice="de")
+        assert "no de_dict" in info.value.message and "valid voices:" in info.value.message
+        assert other.tts(make_ctx(), "hello", voice="en-gb")["samples"] > 0
+    finally:
+        other.unload()
 
 
 def test_bad_options():

@@ -26,10 +26,16 @@ Notes on the C library (espeak-ng 1.52, as shipped by espeakng-loader 0.2.4):
   falls back to espeak_Initialize(..., DONT_EXIT) only where those are absent.
 - The library is process-global (one set of voices, one callback), and not
   thread-safe: one loaded EspeakEngine per process, synthesis under a lock.
+- espeak_SetVoiceByName takes a voice file (`gmw/en`) or a voice name, not a
+  language code: "en-gb" is a language of gmw/en and has no file of its own,
+  so it fails with EE_NOT_FOUND. Codes are resolved to their best voice here.
+  A listed voice whose dictionary the data lacks (fo_dict in the wheel) sets
+  fine but speaks silence: load() leaves such voices out.
 """
 
 import ctypes
 import difflib
+import logging
 import os
 import queue
 import sys
@@ -37,6 +43,8 @@ import threading
 import weakref
 
 from modelhost.daemons.engine import BadArguments, Cancelled, Engine, operation
+
+log = logging.getLogger("modelhost.daemon.espeak")
 
 # --- speak_lib.h -------------------------------------------------------------
 
@@ -155,6 +163,35 @@ def _read_languages(address):
         address += len(language) + 2
 
 
+def _dictionary_of(data, identifier):
+    """The dictionary NAME (file <data>/NAME_dict) a voice file loads, as espeak-ng's
+    voices.c picks it: its first language up to a '-', unless a later `dictionary`
+    line names another. None where the voice file is not found."""
+    for folder in ("lang", "voices"):
+        path = os.path.join(data, folder, *identifier.split("/"))
+        if os.path.isfile(path):
+            break
+    else:
+        return None
+    dictionary, language_seen = None, False
+    with open(path, "rb") as handle:
+        for line in handle:
+            words = line.decode("utf-8", "replace").split()
+            if len(words) >= 2 and words[0] == "language" and not language_seen:
+                dictionary, language_seen = words[1].split("-", 1)[0], True
+            elif len(words) >= 2 and words[0] == "dictionary":
+                dictionary = words[1]
+    return dictionary
+
+
+def _some(names, limit=30):
+    """names, comma-separated, at most `limit` of them: an error message stays readable."""
+    if len(names) <= limit:
+        return ", ".join(names)
+    return "{}, ... ({} in all; the voices operation lists them)".format(
+        ", ".join(names[:limit]), len(names))
+
+
 def _to_int(name, value, low, high):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadArguments("tts: {} must be an integer from {} to {}, not {}".format(
@@ -233,8 +270,12 @@ class EspeakEngine(Engine):
         self._callback = None  # the CFUNCTYPE object: kept so it is not collected
         self._job = None
         self._lock = threading.Lock()  # espeak is not thread-safe
-        self._voices = []  # language codes, sorted
-        self._aliases = {}  # lowercase spelling -> name given to espeak_SetVoiceByName
+        self._voices = []  # language codes of the voices that load, sorted
+        # lowercase spelling (code, voice name, identifier) -> the identifier of
+        # the voice: espeak_SetVoiceByName takes voice files, not language codes
+        # ("en-gb" is a language of the file gmw/en; it has no file of its own).
+        self._aliases = {}
+        self._left_out = {}  # lowercase spelling of a listed voice that does not load -> why
         self._variants = {}  # lowercase variant -> its file name
         self._default_voice = None
 
@@ -262,7 +303,7 @@ class EspeakEngine(Engine):
                     self._callback = _SynthCallback(self._on_synth)
                     lib.espeak_SetSynthCallback(self._callback)
                     self.version = lib.espeak_Info(None).decode("ascii", "replace")
-                    self._list_voices(lib)
+                    self._list_voices(lib, data)
                     self._default_voice = self._resolve_voice(self.voice, ValueError)
                     self._apply(lib, self._default_voice, self.rate, self.pitch)
                 except BaseException:
@@ -565,8 +606,11 @@ class EspeakEngine(Engine):
                                                            ctypes.c_size_t]
             lib.espeak_ng_GetStatusCodeMessage.restype = None
 
-    def _list_voices(self, lib):
-        codes, aliases = set(), {}
+    def _list_voices(self, lib, data):
+        """The voices that really load: in the list, with their dictionary, accepted by
+        espeak_SetVoiceByName. Each language code names its best voice (espeak's
+        priority: lower is better)."""
+        best, aliases, left_out = {}, {}, {}
 
         def each(spec):
             voices = lib.espeak_ListVoices(spec)
@@ -575,16 +619,33 @@ class EspeakEngine(Engine):
                 yield voices[i].contents
                 i += 1
 
-        for voice in each(None):
+        for order, voice in enumerate(each(None)):
             name = (voice.name or b"").decode("utf-8", "replace").strip()
             identifier = (voice.identifier or b"").decode("utf-8", "replace")
-            for _, code in _read_languages(voice.languages):
-                codes.add(code.lower())
-                aliases.setdefault(code.lower(), code)
-            if name:
-                aliases.setdefault(name.lower(), name)
-            if identifier:
-                aliases.setdefault(identifier.lower(), identifier)
+            if not identifier:
+                continue
+            # A voice whose dictionary the data lacks loads, but speaks silence.
+            dictionary = _dictionary_of(data, identifier)
+            why = None
+            if dictionary is not None and not os.path.isfile(
+                    os.path.join(data, dictionary + "_dict")):
+                why = "{} has no {}_dict".format(name or identifier, dictionary)
+            elif lib.espeak_SetVoiceByName(identifier.encode("utf-8")) != EE_OK:
+                why = "espeak_SetVoiceByName({!r}) fails".format(identifier)
+            if why is not None:
+                for spelling in [name, identifier] + [c for _, c in _read_languages(
+                        voice.languages)]:
+                    left_out.setdefault(spelling.lower(), why)
+                continue
+            for rank, (priority, code) in enumerate(_read_languages(voice.languages)):
+                key = (priority, rank, order)
+                if code.lower() not in best or key < best[code.lower()][0]:
+                    best[code.lower()] = (key, identifier)
+            for spelling in (name, identifier):
+                if spelling:
+                    aliases.setdefault(spelling.lower(), identifier)
+        for code, (_, identifier) in best.items():
+            aliases[code] = identifier
         spec = _Voice()
         language = ctypes.create_string_buffer(b"variant")
         spec.languages = ctypes.cast(language, ctypes.c_void_p).value
@@ -594,33 +655,39 @@ class EspeakEngine(Engine):
             variant = identifier.rsplit("/", 1)[-1]
             if variant:
                 variants[variant.lower()] = variant
-        if not codes:
-            raise RuntimeError("espeak: espeak_ListVoices found no voices; is the data "
-                               "directory complete?")
-        self._voices = sorted(codes)
+        if not best:
+            raise RuntimeError("espeak: espeak_ListVoices found no voices that load; is the "
+                               "data directory {} complete?".format(data))
+        self._voices = sorted(best)
         self._aliases = aliases
+        self._left_out = {spelling: why for spelling, why in left_out.items()
+                          if spelling and spelling not in aliases}
+        if left_out:
+            log.info("espeak: voices left out, as this data cannot speak them: %s",
+                     "; ".join(sorted(set(left_out.values()))))
         self._variants = variants
 
     def _resolve_voice(self, voice, error):
-        """The name for espeak_SetVoiceByName; `error` (a class) names close matches."""
+        """The name for espeak_SetVoiceByName; `error` (a class) names close and valid ones."""
         spelled = voice.strip()
         base, plus, variant = spelled.partition("+")
         resolved = self._aliases.get(base.strip().lower())
         if resolved is None:
+            why = self._left_out.get(base.strip().lower())
             close = self._close_voices(base.strip().lower())
-            hint = ("close names: " + ", ".join(close)) if close else (
-                "for example: " + ", ".join(v for v in ("en", "en-us", "de", "fr", "es")
-                                           if v in self._aliases))
-            raise error("unknown voice {!r}; {}; the voices operation lists all {}".format(
-                voice, hint, len(self._voices)))
+            raise error("{}; {}valid voices: {}".format(
+                "voice {!r} cannot speak with this espeak-ng-data ({})".format(voice, why)
+                if why else "unknown voice {!r}".format(voice),
+                ("close names: " + ", ".join(close) + "; ") if close else "",
+                _some(self._voices)))
         if plus:
             found = self._variants.get(variant.strip().lower())
             if found is None:
                 close = difflib.get_close_matches(variant.strip().lower(), list(self._variants),
                                                   n=5, cutoff=0.5)
-                raise error("unknown voice variant {!r} in {!r}; {}".format(
-                    variant, voice, ("close names: " + ", ".join(close)) if close
-                    else "for example: f1, m3, klatt, whisper"))
+                raise error("unknown voice variant {!r} in {!r}; {}valid variants: {}".format(
+                    variant, voice, ("close names: " + ", ".join(close) + "; ") if close else "",
+                    _some(sorted(self._variants.values(), key=str.lower))))
             resolved = resolved + "+" + found
         return resolved
 
