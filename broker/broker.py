@@ -10,8 +10,10 @@ where not.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
+import select
 import signal
 import socket
 import time
@@ -27,6 +29,7 @@ from .config import Config
 from .events import EventLog
 from .footprints import STATE_FILE, FootprintStore, fingerprint
 from .memory import MemoryProbe, choose_probe
+from .parking import Parking
 from .scheduler import Action, DaemonLimits, MemoryPolicy, Request, Scheduler
 from .sd_notify import Notifier
 from .systemd_daemons import SystemdDaemons
@@ -105,10 +108,20 @@ class Broker:
         # softly with an error reply, this one protects the broker's memory.
         # Daemons are trusted and may answer with more (a rendered video).
         self.frontend = self._router(broker.frontend, max_frame=broker.max_payload_bytes + 2**20)
-        self.backend = self._router(broker.backend)
-        # Sending to a daemon socket that is not connected raises instead of
-        # vanishing, so a call is never lost to a slot that is reconnecting.
+        # Daemons are capped too: a peer on the daemon socket must not make the
+        # broker buffer gigabytes (the runtime answers payload_too_large first).
+        self.backend = self._router(broker.backend, max_frame=broker.max_reply_bytes + 2**20)
+        # Sending to a socket that is not connected raises instead of vanishing:
+        # a call is never lost to a slot that is reconnecting, and a reply for a
+        # client that is reconnecting is held for it (self.held_for_clients).
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.held_for_clients = Parking(max_bytes=4 * broker.max_reply_bytes)
+        self.held_from_slots = Parking(max_bytes=2 * broker.max_reply_bytes)
+        # Only the supervisor that started this broker knows it (it is passed in
+        # the broker's environment, which other users cannot read): process
+        # reports from anyone else are refused.
+        self.supervisor_token = os.environ.pop("MODELHOST_SUPERVISOR_TOKEN", None)
         self.peers: dict[bytes, str] = {}  # routing id of a daemon socket -> daemon name
         self.poller = zmq.Poller()
         self.poller.register(self.frontend, zmq.POLLIN)
@@ -263,8 +276,37 @@ class Broker:
                              previous=None if before is None else before[0], tier=daemon.tier,
                              error=daemon.error)
 
-    def _to_client(self, client: bytes, header: dict) -> None:
-        protocol.send(self.frontend, [client] + protocol.encode(header))
+    def _to_client(self, client: bytes, header: dict, *, hold: bool = True) -> None:
+        self._to_client_frames(client, protocol.encode(header), hold=hold)
+
+    def _to_client_frames(self, client: bytes, frames: list, *, hold: bool = True) -> None:
+        """Send to a client, or hold the message until it reconnects (see parking.py).
+
+        `hold=False` for what is stale by the time a client comes back (a pong).
+        """
+        if not hold:
+            try:
+                protocol.send(self.frontend, [client] + frames)
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    raise
+            return
+        if client in self.held_for_clients:
+            # Older messages wait for it already: keep the order.
+            self._hold_for_client(client, frames)
+            return
+        try:
+            protocol.send(self.frontend, [client] + frames)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            self._hold_for_client(client, frames)
+
+    def _hold_for_client(self, client: bytes, frames: list) -> None:
+        if not self.held_for_clients.hold(client, frames, self.clock()):
+            log.error("dropped a reply for client %r, which is not connected: the replies "
+                      "held for reconnecting clients are at their limit (%d bytes)", client,
+                      self.held_for_clients.max_bytes)
 
     # --- frontend -----------------------------------------------------------
 
@@ -275,33 +317,48 @@ class Broker:
         client, frames = frames[0].bytes, frames[1:]
         try:
             header, payloads = protocol.decode(frames)
+            protocol.check_request(header)
         except ModelhostError as exc:
+            # Malformed: answered, and nothing of it reaches the scheduler.
             self._to_client(client, protocol.error_header(exc.details.get("id"), exc.code,
                                                           exc.message))
             return
         self.scheduler.on_client_seen(client)
-        op = header.get("op")
-        request_id = header.get("id")
+        # The client is (back) on the line: what was kept for it goes first.
+        for held in self.held_for_clients.release(client):
+            self._to_client_frames(client, held)
+        op = header["op"]
+        try:
+            self._on_request(client, op, header, payloads)
+        except Exception:
+            # A bug, not bad input (that was refused above): the request still
+            # gets its one terminal reply, and the loop goes on.
+            log.exception("internal error while handling a client %s; answered `internal`", op)
+            self._to_client(client, protocol.error_header(
+                header.get("id"), "internal", "the broker failed on this {} (a bug; its log "
+                "has the details)".format(op)))
+
+    def _on_request(self, client: bytes, op: str, header: dict, payloads: list) -> None:
+        request_id = header["id"]
         if op == protocol.CALL:
             self.on_call(client, header, payloads)
         elif op == protocol.CANCEL:
             self.scheduler.on_cancel(client, request_id)
         elif op == protocol.PING:
-            asked = header.get("ids") if isinstance(header.get("ids"), list) else []
-            known = [rid for rid in asked if self.scheduler.knows(client, rid)]
+            known = [rid for rid in header.get("ids", []) if self.scheduler.knows(client, rid)]
             # Settled: up long enough for every live daemon to have registered
             # the calls it is running, so "unknown" now means lost.
             settled = self.clock() - self.started > self.scheduler.daemon_expiry_s + \
                 self.config.broker.heartbeat_s
             self._to_client(client, {"kind": protocol.PONG, "id": request_id, "known": known,
-                                     "broker": self.instance, "settled": settled})
+                                     "broker": self.instance, "settled": settled}, hold=False)
         elif op == protocol.PS:
             self._to_client(client, {"kind": protocol.RESULT, "id": request_id,
                                      "value": self.status()})
         elif op in (protocol.LOAD, protocol.UNLOAD):
             self.on_tier_request(client, op, header)
         elif op in (protocol.PIN, protocol.UNPIN):
-            name = header.get("model")
+            name = header["model"]
             if name not in self.scheduler.daemons:
                 self._to_client(client, protocol.error_header(
                     request_id, "unknown_model", "no model named {!r}; this broker serves: {}"
@@ -314,65 +371,34 @@ class Broker:
             self._to_client(client, {"kind": protocol.RESULT, "id": request_id,
                                      "value": self.scheduler.row(name)})
         elif op == protocol.SUPERVISOR:
-            processes = header.get("processes")
-            if isinstance(processes, dict):
-                self.scheduler.on_supervisor_report(processes)
+            if self.supervisor_token is None or not hmac.compare_digest(
+                    header["token"], self.supervisor_token):
+                log.warning("refused a supervisor report from a client that is not this "
+                            "broker's supervisor")
+                self._to_client(client, protocol.error_header(
+                    request_id, "bad_message", "supervisor reports come only from the "
+                    "supervisor that started this broker (`modelhost up`)"))
+                return
+            self.scheduler.on_supervisor_report(header["processes"])
             self._to_client(client, {"kind": protocol.RESULT, "id": request_id,
                                      "value": self.status()})
-        else:
-            self._to_client(client, protocol.error_header(
-                request_id, "bad_message", "unknown op {!r}; expected one of call, cancel, "
-                "ping, ps, load, unload, pin, unpin".format(op)))
 
     def on_tier_request(self, client: bytes, op: str, header: dict) -> None:
         """`modelhost load/unload NAME`: a request answered once the daemon is at the tier."""
-        request_id = header.get("id")
         timeout = header.get("timeout")
-        priority = header.get("priority", protocol.Priority.NORMAL)
-        problem = None
-        if request_id is None or isinstance(request_id, (dict, list)):
-            problem = "a request needs an id: an integer or a string"
-        elif not isinstance(header.get("model"), str):
-            problem = "{} needs `model`, the daemon's name".format(op)
-        elif priority not in protocol.Priority.ALL:
-            problem = "priority must be one of {}".format(", ".join(protocol.Priority.ALL))
-        elif timeout is not None and (isinstance(timeout, bool) or
-                                      not isinstance(timeout, (int, float)) or timeout <= 0):
-            problem = "timeout must be a positive number of seconds"
-        if problem is not None:
-            self._to_client(client, protocol.error_header(request_id, "bad_message", problem))
-            return
         self.scheduler.on_call(Request(
-            client=client, id=request_id, model=header["model"], method=op, forward={},
-            payloads=[], priority=priority, enqueued_at=self.clock(),
+            client=client, id=header["id"], model=header["model"], method=op, forward={},
+            payloads=[], priority=header.get("priority", protocol.Priority.NORMAL),
+            enqueued_at=self.clock(),
             action=Action.LOAD if op == protocol.LOAD else Action.UNLOAD,
             deadline=None if timeout is None else self.clock() + float(timeout)))
 
     def on_call(self, client: bytes, header: dict, payloads: list) -> None:
-        request_id = header.get("id")
-        problem = None
-        if request_id is None or isinstance(request_id, (dict, list)):
-            problem = "bad_message", "a call needs an id: an integer or a string"
-        elif not isinstance(header.get("model"), str):
-            problem = "bad_message", "a call needs `model`, a string"
-        elif not isinstance(header.get("method"), str):
-            problem = "bad_message", "a call needs `method`, a string"
-        elif not isinstance(header.get("args", {}), dict):
-            problem = "bad_arguments", "`args` must be a map of argument names to values"
-        elif header.get("priority", protocol.Priority.NORMAL) not in protocol.Priority.ALL:
-            problem = "bad_message", "priority must be one of {}".format(
-                ", ".join(protocol.Priority.ALL))
         timeout = header.get("timeout")
-        if problem is None and timeout is not None and (
-                isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-            problem = "bad_message", "timeout must be a positive number of seconds"
-        if problem is not None:
-            self._to_client(client, protocol.error_header(request_id, *problem))
-            return
         request = Request(
-            client=client, id=request_id, model=header["model"], method=header["method"],
+            client=client, id=header["id"], model=header["model"], method=header["method"],
             forward={"method": header["method"], "args": header.get("args", {}),
-                     "stream": bool(header.get("stream"))},
+                     "stream": header.get("stream", False)},
             payloads=payloads,
             payload_bytes=sum(len(frame) for frame in payloads),
             priority=header.get("priority", protocol.Priority.NORMAL), enqueued_at=self.clock(),
@@ -387,40 +413,86 @@ class Broker:
                         self.peers.get(frames[0].bytes) if frames else None)
             return
         identity, body = frames[0].bytes, frames[1:]
+        name = self.peers.get(identity)
         try:
             header = protocol.decode_header(body[0])
+            is_reply = "kind" in header
+            if is_reply:
+                protocol.check_reply(header)
+            else:
+                protocol.check_daemon_message(header)
         except ModelhostError as exc:
-            log.error("daemon=%s dropped a daemon message: %s", self.peers.get(identity), exc)
+            # Nobody to answer on this socket: the daemon's log would not show it
+            # anyway, so the broker's does.
+            log.error("daemon=%s dropped a message from %r: %s", name, identity, exc)
+            self._refuse_reply(identity, body)
             return
-        name = self.peers.get(identity)
-        op = header.get("op")
+        what = header.get("kind") or header.get("op")
+        try:
+            if is_reply:
+                self.on_daemon_reply(identity, name, header, body)
+            else:
+                self._on_daemon_message(identity, name, header)
+        except Exception:
+            log.exception("daemon=%s internal error while handling a daemon %s; dropped",
+                          name, what)
+
+    def _refuse_reply(self, identity: bytes, body: list) -> None:
+        """A malformed reply for a call that its own slot runs: the call still ends.
+
+        Whatever the daemon sent is unusable, so its caller gets a typed error
+        in its place rather than waiting for ever.
+        """
+        try:
+            header = protocol.decode_header(body[0])
+        except ModelhostError:
+            return
+        kind, client, request_id = header.get("kind"), header.get("client"), header.get("id")
+        if not (isinstance(kind, str) and kind in protocol.TERMINAL_KINDS
+                and isinstance(client, bytes) and protocol.is_request_id(request_id)):
+            return
+        request = self.scheduler.request_from(identity, client, request_id)
+        if request is None:
+            return
+        if self.scheduler.on_reply(request.model, request.client, request.id, True, None,
+                                   identity):
+            self.reply_error(request, "internal", "daemon {} sent a malformed reply; its "
+                             "log and the broker's have the details".format(request.model))
+
+    def _on_daemon_message(self, identity: bytes, name: str | None, header: dict) -> None:
+        op = header["op"]
         if op == protocol.REGISTER:
             self.on_register(identity, header)
             return
-        kind = header.get("kind")
-        if name is not None:
-            mem = header.get("mem") if op == protocol.HEARTBEAT else None
-            self.scheduler.on_daemon_seen(name, mem if isinstance(mem, dict) else None)
-        elif kind is None:
+        if name is None:
             # The control socket of a daemon this broker does not know yet (it
-            # restarted): have it register. Replies from its slots are still
-            # delivered below.
+            # restarted): have it register.
             self._to_daemon(identity, {"op": protocol.REREGISTER})
-        if kind is not None:
-            self.on_daemon_reply(name, header, body)
-        elif op == protocol.STATE and name is not None:
-            log.info("daemon=%s state %s%s%s", name, header.get("state"),
+            return
+        self.scheduler.on_daemon_seen(name, header.get("mem") if op == protocol.HEARTBEAT
+                                      else None)
+        if op == protocol.STATE:
+            log.info("daemon=%s state %s%s%s", name, header["state"],
                      " ({:.2f}s)".format(header["took_s"])
-                     if isinstance(header.get("took_s"), (int, float)) else "",
+                     if header.get("took_s") is not None else "",
                      ": " + header["error"] if header.get("error") else "")
             # A fresh reading first: a finished move is confirmed by the probe.
             self._read_memory()
             self.scheduler.on_daemon_state(name, header)
-        elif op not in (protocol.HEARTBEAT, protocol.STATE):
-            log.warning("daemon=%s sent unknown op %r", name, op)
 
     def on_register(self, identity: bytes, header: dict) -> None:
-        name = header.get("name")
+        name = header["name"]
+        holder = self.scheduler.daemons.get(name)
+        if holder is not None and holder.identity not in (None, identity) \
+                and holder.pid != header["pid"] and self._process_alive(holder):
+            # A second process under a live daemon's name: the live one keeps it,
+            # so a stray or hostile peer cannot take its calls.
+            log.error("daemon=%s refused a registration from pid %s (%r): pid %s is alive and "
+                      "registered under that name", name, header["pid"], identity, holder.pid)
+            self._to_daemon(identity, protocol.error_header(
+                None, "bad_message", "daemon {} is registered by pid {}, which is alive; stop "
+                "it first, or give this daemon another name".format(name, holder.pid)))
+            return
         daemon = self.scheduler.on_daemon_registered(name, identity, header)
         if daemon is None:
             log.error("daemon=%s registered, but the configuration has no such daemon; "
@@ -435,20 +507,36 @@ class Broker:
                  len(header.get("running") or []))
         self._watch_pid(name, daemon.pid)
         self._read_memory()
+        # Replies its slots sent before this registration (a restarted broker).
+        for slot in daemon.slots:
+            for held in self.held_from_slots.release(slot):
+                self.on_backend([zmq.Frame(slot)] + held)
 
-    def on_daemon_reply(self, name: str | None, header: dict, body: list) -> None:
-        client = header.get("client")
-        if not isinstance(client, bytes):
-            log.error("daemon=%s rid=%s sent a reply without its client; dropped", name,
-                      header.get("id"))
+    def _process_alive(self, daemon) -> bool:
+        """Whether the daemon's registered process still runs: its pidfd, else its heartbeats."""
+        fd = next((fd for fd, watched in self.pidfds.items() if watched == daemon.name), None)
+        if fd is not None:
+            return not select.select([fd], [], [], 0)[0]  # a pidfd turns readable at exit
+        return self.clock() - daemon.last_seen <= self.scheduler.daemon_expiry_s
+
+    def on_daemon_reply(self, identity: bytes, name: str | None, header: dict,
+                        body: list) -> None:
+        if name is None:
+            # Not a registered slot: either a slot whose daemon has not
+            # registered with this (restarted) broker yet, or a stranger.
+            # Held until a registration names it, never forwarded before.
+            if not self.held_from_slots.hold(identity, body, self.clock()):
+                log.error("rid=%s dropped a reply from unregistered %r: no room to hold it",
+                          header["id"], identity)
             return
+        client = header["client"]
         terminal = header["kind"] in protocol.TERMINAL_KINDS
-        mem = header.get("mem") if terminal else None
-        request = self.scheduler.requests.get((client, header.get("id"))) if terminal else None
-        if self.scheduler.on_reply(name, client, header.get("id"), terminal,
-                                   mem if isinstance(mem, dict) else None):
+        request = self.scheduler.request_from(identity, client, header["id"]) \
+            if terminal else None
+        if self.scheduler.on_reply(name, client, header["id"], terminal,
+                                   header.get("mem") if terminal else None, identity):
             # The daemon's header frame goes to the client unchanged.
-            protocol.send(self.frontend, [client] + body)
+            self._to_client_frames(client, body)
             if request is not None:
                 kind = header["kind"]
                 if kind == protocol.RESULT:
@@ -456,8 +544,7 @@ class Broker:
                 elif kind == protocol.CANCELLED:
                     self._ended(request, "cancelled")
                 else:
-                    self._ended(request, str(header.get("code") or "error"),
-                                str(header.get("message") or ""))
+                    self._ended(request, header["code"], header.get("message") or "")
 
     # --- daemon processes ---------------------------------------------------
 
@@ -548,20 +635,21 @@ class Broker:
             now = self.clock()
             # Timers only when one is due: this loop runs once per message.
             if now >= wakeup:
-                self.scheduler.on_tick()
+                self._guarded("the timer tick", self.scheduler.on_tick)
             if next_sample is not None and now >= next_sample:
                 next_sample = None
-                self._read_memory()
+                self._guarded("the memory sample", self._read_memory)
             if now >= next_heartbeat:
                 next_heartbeat = now + heartbeat_s
-                self._heartbeat()
+                self._guarded("the heartbeat", self._heartbeat)
             if next_watchdog is not None and now >= next_watchdog:
                 next_watchdog = now + watchdog_s
-                self.systemd.watchdog()
-            self._announce_states()
+                self._guarded("the watchdog", self.systemd.watchdog)
+            self._guarded("the state announcement", self._announce_states)
             if self.web_state is not None and now >= next_publish:
                 next_publish = now + self.web_state.interval_s
-                self.web_state.publish(self.status(), self.events.recent)
+                self._guarded("the dashboard publish", lambda: self.web_state.publish(
+                    self.status(), self.events.recent))
         log.info("broker stopping")
         if self.web is not None:
             self.web.close()
@@ -573,9 +661,17 @@ class Broker:
         self.systemd.close()
         return 0
 
+    @staticmethod
+    def _guarded(what: str, action) -> None:
+        """Run one of the loop's own tasks; a bug in one is logged, never the loop's end."""
+        try:
+            action()
+        except Exception:
+            log.exception("internal error in %s; the broker goes on", what)
+
     def _drain(self, source) -> None:
         if isinstance(source, int):
-            self.on_pid_exit(source)
+            self._guarded("a daemon exit", lambda: self.on_pid_exit(source))
             return
         handler = self.on_frontend if source is self.frontend else self.on_backend
         # The poll said readable, so the first receive cannot block; then EVENTS
@@ -583,11 +679,10 @@ class Broker:
         # measurable cost). Bounded, so neither side can starve the other.
         for _ in range(1000):
             frames = protocol.recv(source)
-            try:
-                handler(frames)
-            except Exception:
-                # The broker never dies on input; this is a bug to report.
-                log.exception("internal error while handling a message; dropped")
+            # Each handler catches its own bugs with the message's kind in the
+            # line; this is the last net (a failure before the kind is known).
+            self._guarded("a {} message".format(
+                "client" if source is self.frontend else "daemon"), lambda: handler(frames))
             if not protocol.readable(source):
                 return
 
@@ -607,6 +702,18 @@ class Broker:
         if self.scheduler.take_dirty():
             self.store.mark_dirty()
         self.store.save()
+        self._expire_held()
+
+    def _expire_held(self) -> None:
+        now = self.clock()
+        gone = {client for client, _ in self.held_for_clients.expire(
+            now, self.config.broker.client_liveness_s)}
+        for client in gone:
+            log.info("dropped what was held for client %r: it did not come back within "
+                     "client_liveness_s", client)
+        # A restarted broker hears every live daemon register within a liveness.
+        for slot, _ in self.held_from_slots.expire(now, 2 * self.scheduler.daemon_expiry_s):
+            log.warning("dropped a reply from %r: no daemon registered that socket", slot)
 
     def _read_memory(self) -> None:
         pids = [d.pid for d in self.scheduler.daemons.values() if d.identity is not None and d.pid]

@@ -149,6 +149,10 @@ class BrokerConfig:
     liveness: int = 3
     client_liveness_s: float = 10.0
     max_payload_bytes: int = 256 * 2**20
+    # The largest frame a daemon may send (a result's payload): the backend
+    # socket refuses more, so no peer there can make the broker buffer
+    # gigabytes; the daemon runtime answers payload_too_large instead.
+    max_reply_bytes: int = 256 * 2**20
     log_level: str = "info"  # debug|info|warning|error
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     # (host, port) of the metrics and dashboard server, loopback only; port 0
@@ -184,8 +188,8 @@ _ENV_REF = re.compile(r"\$(?:\{([^}]*)\}|(\w+))")
 _MAX_IPC_PATH = 107
 
 _BROKER_KEYS = ("runtime_dir", "state_dir", "frontend", "backend", "events", "http",
-                "heartbeat_s", "liveness", "client_liveness_s", "max_payload", "log_level",
-                "memory")
+                "heartbeat_s", "liveness", "client_liveness_s", "max_payload", "max_reply",
+                "log_level", "memory")
 
 _MEMORY_KEYS = ("probe", "threshold", "external", "devices", "sample_s", "aging_s",
                 "max_skips", "priority_window_s")
@@ -250,6 +254,7 @@ def daemon_spec(config: Config, name: str, *, parent_pid: int | None = None) -> 
         "heartbeat_s": config.broker.heartbeat_s,
         "liveness": config.broker.liveness,
         "concurrency": daemon.concurrency,
+        "max_reply_bytes": config.broker.max_reply_bytes,
         "pythonpath": [str(p) for p in daemon.pythonpath],
         "log_level": config.broker.log_level,
         "parent_pid": parent_pid,
@@ -453,6 +458,7 @@ class _Parser:
             liveness=get("liveness", self.integer, 3, minimum=1),
             client_liveness_s=get("client_liveness_s", self.duration, 10.0),
             max_payload_bytes=get("max_payload", self.size, 256 * 2**20),
+            max_reply_bytes=get("max_reply", self.size, 256 * 2**20),
             log_level=level.lower(),
             memory=get("memory", self.memory, MemoryConfig()),
             events=endpoints["events"],

@@ -27,7 +27,7 @@ REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
                    600)
 # Tier moves: an onload of a small model to a 30 s load of a large one.
 MOVE_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
-STATES = tuple(value for key, value in vars(DaemonState).items() if key.isupper())
+STATES = DaemonState.ALL
 # A tier move down for one of these reasons counts as an eviction.
 EVICTION_REASONS = ("room", "idle_ttl", "unload")
 UNKNOWN = "(unknown)"

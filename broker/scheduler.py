@@ -108,6 +108,9 @@ class Request:
     enqueued_at: float = 0.0
     started_at: float | None = None  # handed to its daemon: queue time ends, run time begins
     slot: int | None = None  # index of the daemon's slot running it
+    # Routing id of that slot's socket: only it may answer for the call, so no
+    # other peer on the daemon socket can deliver a result in its name.
+    sender: bytes | None = None
     action: str = Action.CALL
     seq: int = 0  # arrival order, for first-come first-served among equals
     # Times a later call started while this one waited for memory.
@@ -277,6 +280,8 @@ class Scheduler:
         # the memory manager did not stop has nobody to start it.
         unavailable = (DaemonState.FAILED, DaemonState.STOPPED) if is_call else \
             (DaemonState.STOPPED,) if request.action == Action.LOAD else ()
+        if daemon.identity is None and daemon.process.get("final"):
+            unavailable = (DaemonState.FAILED,) + unavailable  # no process will ever come
         if daemon.state in unavailable and not daemon.want_stopped:
             self.effects.reply_error(request, "daemon_unavailable", "daemon {} is {}: {}"
                                      .format(daemon.name, daemon.state,
@@ -338,6 +343,13 @@ class Scheduler:
         else:
             # The daemon stops cooperatively and answers `cancelled` itself.
             self.effects.cancel_remote(daemon, request)
+
+    def request_from(self, sender: bytes, client: bytes, request_id: Any) -> Request | None:
+        """The running request `sender` may answer for, or None."""
+        request = self.requests.get((client, request_id))
+        if request is None or request.sender not in (None, sender):
+            return None
+        return request
 
     def knows(self, client: bytes, request_id: Any) -> bool:
         request = self.requests.get((client, request_id))
@@ -423,9 +435,18 @@ class Scheduler:
             daemon.mem = mem
 
     def on_reply(self, name: str | None, client: bytes, request_id: Any,
-                 terminal: bool, mem: dict | None = None) -> bool:
-        """A daemon's reply for a call; True when it should be forwarded to the client."""
+                 terminal: bool, mem: dict | None = None, sender: bytes | None = None) -> bool:
+        """A daemon's reply for a call; True when it should be forwarded to the client.
+
+        `sender` is the socket it came from: a reply for a call from any socket
+        but the slot the call was dispatched to is refused.
+        """
         request = self.requests.get((client, request_id))
+        if request is not None and sender is not None and request.sender is not None \
+                and sender != request.sender:
+            log.warning("daemon=%s rid=%s refused a reply from %r: the call runs on %r",
+                        request.model, request_id, sender, request.sender)
+            return False
         if request is None:
             if (client, request_id) in self._abandoned:
                 return False  # its caller already has `daemon_crashed`
@@ -976,6 +997,7 @@ class Scheduler:
         request.base_cuda = daemon.mem.get("cuda")
         request.peak_seen = 0
         request.started_at = self.clock()
+        request.sender = daemon.slots[slot]
         daemon.running[request.key] = request
         if self.effects.dispatch(daemon, request) is False:
             # The slot's socket has not connected yet (a daemon that just
@@ -983,6 +1005,7 @@ class Scheduler:
             del daemon.running[request.key]
             request.state = RequestState.QUEUED
             request.slot = None
+            request.sender = None
             request.reserved = 0
             request.started_at = None
             daemon.queues[request.priority].appendleft(request)
@@ -1020,6 +1043,9 @@ class Scheduler:
         if key in self.requests or key in self._abandoned or not isinstance(key[0], bytes):
             return
         slot = call.get("slot")
+        # Its replies come from the slot it runs on, whatever index it is counted under.
+        sender = daemon.slots[slot] if isinstance(slot, int) and 0 <= slot < len(daemon.slots) \
+            else None
         free = self._free_slots(daemon)
         if slot not in free:
             # A register that does not say which slot: take the first free one
@@ -1028,7 +1054,7 @@ class Scheduler:
         request = Request(client=key[0], id=key[1], model=daemon.name,
                           method=call.get("method") or "?", forward={}, payloads=[],
                           state=RequestState.RUNNING, enqueued_at=self.clock(),
-                          started_at=self.clock(), slot=slot)
+                          started_at=self.clock(), slot=slot, sender=sender)
         request.reserved = daemon.footprint.peak(request.method)
         self.requests[key] = request
         daemon.running[key] = request

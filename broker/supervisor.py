@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import selectors
 import signal
 import subprocess
@@ -176,7 +177,9 @@ class Child:
         return {"status": self.status.value, "pid": self.process.pid if self.process else None,
                 # Which process a "failed" is about: the broker knows whether it was ready.
                 "exited_pid": None if self.process else self.exited_pid,
-                "restarts": self.restarts, "error": self.error}
+                "restarts": self.restarts, "error": self.error,
+                # Never started again by itself (its venv setup failed): a load cannot help.
+                "final": self.setup_error is not None}
 
 
 def _venv_problem(daemon: DaemonConfig) -> str | None:
@@ -213,13 +216,17 @@ class Supervisor:
         self.link_sent_at = 0.0
         self.link_seq = 0
         self.states: dict[str, dict] = {}  # daemon name -> last `ps` row from the broker
+        # Proves to the broker that a process report comes from its supervisor;
+        # handed to the broker in its environment, never to the daemons.
+        self.token = secrets.token_hex(16)
         runtime = config.broker.runtime_dir
         os.makedirs(runtime / "daemons", mode=0o700, exist_ok=True)
         config_arg = ["--config", str(config.path)] if config.path else []
         self.children[BROKER] = Child(
             BROKER, [sys.executable, "-m", "modelhost.broker", *config_arg,
                      "--parent-pid", str(os.getpid())],
-            dict(os.environ), RestartPolicy(backoff_s=0.5, max_backoff_s=10.0),
+            dict(os.environ, MODELHOST_SUPERVISOR_TOKEN=self.token),
+            RestartPolicy(backoff_s=0.5, max_backoff_s=10.0),
             ready_timeout_s=30.0, stop_timeout_s=5.0)
         for name, daemon in config.daemons.items():
             if daemon.autostart:
@@ -382,7 +389,8 @@ class Supervisor:
                          if name != BROKER}
             try:
                 self.link.send_multipart(protocol.encode(
-                    {"op": protocol.SUPERVISOR, "id": self.link_seq, "processes": processes}),
+                    {"op": protocol.SUPERVISOR, "id": self.link_seq, "processes": processes,
+                     "token": self.token}),
                     zmq.NOBLOCK)
             except zmq.Again:
                 pass  # the broker is restarting; the next tick tries again
@@ -439,11 +447,14 @@ class Supervisor:
                     else:
                         log.info("daemon=%s ready after %.1fs", name,
                                  time.monotonic() - child.started_at)
-        daemons = [c for n, c in self.children.items() if n != BROKER]
+        # A daemon whose venv setup failed never starts: it does not hold up the rest.
+        daemons = [c for n, c in self.children.items() if n != BROKER and c.setup_error is None]
         if not self.announced_up and all(c.status is ProcessStatus.RUNNING for c in daemons):
             self.announced_up = True
-            log.info("modelhost is up: %d daemons (%s); clients connect at %s", len(daemons),
+            broken = [n for n, c in self.children.items() if c.setup_error is not None]
+            log.info("modelhost is up: %d daemons (%s)%s; clients connect at %s", len(daemons),
                      ", ".join(c.name for c in daemons) or "none",
+                     "; not started, their setup failed: " + ", ".join(broken) if broken else "",
                      self.config.broker.frontend)
 
     # --- the loop -----------------------------------------------------------

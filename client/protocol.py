@@ -21,6 +21,7 @@ This module runs on Python 3.7 with only pyzmq and msgpack (numpy is used when
 a value is an array and numpy is importable).
 """
 
+import math
 import os
 import sys
 import threading
@@ -28,7 +29,7 @@ import threading
 import msgpack
 import zmq
 
-from .errors import BadMessage, ProtocolMismatch
+from .errors import BadArguments, BadMessage, ProtocolMismatch
 
 VERSION = 1
 
@@ -81,6 +82,8 @@ class DaemonState:
     FAILED = "failed"  # load failed; calls are refused with the load error
     CRASHED = "crashed"  # the process died; waiting for its restart
     STOPPED = "stopped"  # deliberately not running
+    ALL = (STARTING, LOADING, READY, BUSY, OFFLOADING, OFFLOADED, ONLOADING, UNLOADING,
+           UNLOADED, FAILED, CRASHED, STOPPED)
 
 
 class Tier:
@@ -325,6 +328,238 @@ def error_header(request_id, code, message, details=None):
     if details:
         header["details"] = details
     return header
+
+
+# --- message schemas ---------------------------------------------------------
+#
+# One schema per message kind, checked by the receiver before anything acts on
+# the message: types, finite numbers, ids that are hashable and equal to
+# themselves, ranges. A message that fails gets a typed `bad_message` error
+# (where there is a sender to answer), never an exception in the receiver's
+# loop. Fields a schema does not name are never read by the receiver, so they
+# are left alone (a newer peer may send more).
+
+MAX_ID_CHARS = 256
+MAX_NAME_CHARS = 256
+MAX_TEXT_CHARS = 64 * 1024
+MAX_LIST = 100000  # ids in one ping, methods or calls in one register
+MAX_TIMEOUT_S = 366 * 86400.0
+MAX_PLAIN_DEPTH = 8  # nesting of the free-form maps that reach `ps` and the dashboard
+PROCESS_STATUSES = ("pending", "starting", "running", "backoff", "failed", "stopped")
+
+
+def _int(value, low=None):
+    return isinstance(value, int) and not isinstance(value, bool) and (
+        low is None or value >= low)
+
+
+def _number(value, low=None, high=None):
+    """A finite int or float within [low, high]: NaN and infinities never pass."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return (low is None or value >= low) and (high is None or value <= high)
+
+
+def _text(value, limit=MAX_TEXT_CHARS):
+    return isinstance(value, str) and len(value) <= limit
+
+
+def is_request_id(value):
+    """An id usable as a key: an int (never a float: NaN != NaN) or a bounded string."""
+    return _int(value) or _text(value, MAX_ID_CHARS)
+
+
+def _name(value):
+    return isinstance(value, str) and 0 < len(value) <= MAX_NAME_CHARS
+
+
+def _identity(value):
+    return isinstance(value, bytes) and 0 < len(value) <= 255  # ZeroMQ's limit
+
+
+def _list_of(accepts, limit=MAX_LIST):
+    return lambda value: isinstance(value, list) and len(value) <= limit and all(
+        accepts(item) for item in value)
+
+
+def _or_none(accepts):
+    return lambda value: value is None or accepts(value)
+
+
+def _one_of(choices):
+    return lambda value: isinstance(value, str) and value in choices
+
+
+def is_plain(value, depth=0):
+    """JSON-safe: str-keyed maps, lists, strings, finite numbers, bools and null."""
+    if value is None or isinstance(value, (bool, str)):
+        return True
+    if isinstance(value, (int, float)):
+        return _number(value)
+    if depth >= MAX_PLAIN_DEPTH:
+        return False
+    if isinstance(value, list):
+        return len(value) <= MAX_LIST and all(is_plain(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and is_plain(item, depth + 1)
+                   for key, item in value.items())
+    return False
+
+
+def _mem(value):
+    # The daemon's own memory report: each figure bytes, or null when unknown.
+    return isinstance(value, dict) and all(
+        isinstance(key, str) and (item is None or _int(item, 0)) for key, item in value.items())
+
+
+def _process(value):
+    # One daemon's process facts in a supervisor report.
+    return (isinstance(value, dict) and _one_of(PROCESS_STATUSES)(value.get("status"))
+            and _or_none(lambda pid: _int(pid, 1))(value.get("pid"))
+            and _int(value.get("restarts", 0), 0)
+            and _or_none(_text)(value.get("error")) and is_plain(value))
+
+
+def _running_call(value):
+    return (isinstance(value, dict) and is_request_id(value.get("id"))
+            and _identity(value.get("client")) and _or_none(_name)(value.get("method"))
+            and _or_none(lambda slot: _int(slot, 0))(value.get("slot")))
+
+
+class _Field(object):
+    __slots__ = ("required", "accepts", "description", "error")
+
+    def __init__(self, required, accepts, description, error=BadMessage):
+        self.required = required
+        self.accepts = accepts
+        self.description = description
+        self.error = error
+
+
+def _required(accepts, description, error=BadMessage):
+    return _Field(True, accepts, description, error)
+
+
+def _optional(accepts, description, error=BadMessage):
+    return _Field(False, accepts, description, error)
+
+
+_ID = _required(is_request_id, "an integer or a string of at most {} characters".format(
+    MAX_ID_CHARS))
+_MODEL = _required(_name, "the daemon's name, a non-empty string")
+_PRIORITY = _optional(_one_of(Priority.ALL), "one of " + ", ".join(Priority.ALL))
+_TIMEOUT = _optional(lambda value: _number(value, high=MAX_TIMEOUT_S) and value > 0,
+                     "a finite, positive number of seconds (at most a year)")
+_MEM = _optional(_mem, "a map of memory figures in bytes (non-negative integers or null)")
+_ERROR_TEXT = _optional(_or_none(_text), "a string or null")
+_STATE = _required(_one_of(DaemonState.ALL), "one of " + ", ".join(DaemonState.ALL))
+_TIER = _optional(_or_none(_one_of(Tier.ALL)), "one of " + ", ".join(Tier.ALL) + " or null")
+_FACTS = _optional(_or_none(lambda value: isinstance(value, dict) and is_plain(value)),
+                   "a map of plain values (strings, numbers, lists, maps) or null")
+_LOADS = _optional(_or_none(lambda value: _int(value, 0)), "a non-negative integer")
+
+# Client -> broker, by `op`.
+REQUEST_SCHEMAS = {
+    CALL: {"id": _ID, "model": _MODEL,
+           "method": _required(_name, "the operation's name, a non-empty string"),
+           "args": _optional(lambda value: isinstance(value, dict), "a map of argument names "
+                             "to values", BadArguments),
+           "priority": _PRIORITY, "timeout": _TIMEOUT,
+           "stream": _optional(lambda value: isinstance(value, bool), "true or false")},
+    CANCEL: {"id": _ID},
+    PING: {"id": _ID, "ids": _optional(_list_of(is_request_id), "a list of request ids")},
+    PS: {"id": _ID},
+    SUPERVISOR: {"id": _ID, "token": _required(_text, "the supervisor's token"),
+                 "processes": _required(lambda value: isinstance(value, dict) and all(
+                     _name(name) and _process(item) for name, item in value.items()),
+                     "a map of daemon names to {status, pid, restarts, error}")},
+    LOAD: {"id": _ID, "model": _MODEL, "priority": _PRIORITY, "timeout": _TIMEOUT},
+    UNLOAD: {"id": _ID, "model": _MODEL, "priority": _PRIORITY, "timeout": _TIMEOUT},
+    PIN: {"id": _ID, "model": _MODEL},
+    UNPIN: {"id": _ID, "model": _MODEL},
+}
+
+# Daemon -> broker, by `op`.
+DAEMON_SCHEMAS = {
+    REGISTER: {
+        "name": _required(_name, "the daemon's name, a non-empty string"),
+        "pid": _required(lambda value: _int(value, 1), "a positive integer"),
+        "interpreter": _optional(_or_none(_text), "a string"),
+        "python": _optional(_or_none(_text), "a string"),
+        "engine": _optional(_or_none(_text), "a string"),
+        "methods": _optional(_list_of(_name), "a list of operation names"),
+        "slots": _optional(_list_of(_identity, 1024), "a list of socket identities (bytes)"),
+        "state": _STATE, "tier": _TIER,
+        "tiers": _optional(_list_of(_one_of(Tier.ALL)), "a list of tiers"),
+        "mem": _MEM, "error": _ERROR_TEXT, "facts": _FACTS, "loads": _LOADS,
+        "uptime_s": _optional(lambda value: _number(value, 0), "a finite number >= 0"),
+        "running": _optional(_list_of(_running_call), "a list of {id, client, method, slot}"),
+    },
+    STATE: {"state": _STATE, "tier": _TIER, "mem": _MEM, "error": _ERROR_TEXT,
+            "facts": _FACTS, "loads": _LOADS,
+            # The target of a move that failed, as the daemon was asked for it.
+            "failed": _optional(_or_none(_name), "the tier it failed to reach, or null"),
+            "took_s": _optional(_or_none(lambda value: _number(value, 0)),
+                                "a finite number >= 0 or null")},
+    HEARTBEAT: {"state": _optional(_one_of(DaemonState.ALL), "a daemon state"),
+                "running": _optional(lambda value: _int(value, 0), "a non-negative integer"),
+                "mem": _MEM},
+}
+
+# Daemon -> client through the broker, by `kind`. `value` is never read by the
+# broker: it travels to the client as it came.
+_REPLY = {"id": _ID, "client": _required(_identity, "the client's identity (bytes)"),
+          "mem": _MEM}
+REPLY_SCHEMAS = {
+    PARTIAL: dict(_REPLY, seq=_optional(lambda value: _int(value, 0), "an integer >= 0")),
+    PROGRESS: dict(_REPLY, fraction=_optional(_or_none(lambda value: _number(value, 0, 1)),
+                                              "a number in [0, 1] or null")),
+    RESULT: _REPLY,
+    ERROR: dict(_REPLY, code=_required(_name, "an error code"),
+                message=_optional(_or_none(_text), "a string")),
+    CANCELLED: dict(_REPLY, message=_optional(_or_none(_text), "a string")),
+}
+
+
+def _shown(value):
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check(header, schemas, selector):
+    """Raise BadMessage (or the field's error) unless `header` fits the schema its
+    `selector` field (op or kind) names. The error's details carry the id when it
+    is usable, so the reply can name the request."""
+    name = header.get(selector)
+    schema = schemas.get(name) if isinstance(name, str) else None
+    request_id = header.get("id")
+    details = {"id": request_id if is_request_id(request_id) else None}
+    if schema is None:
+        raise BadMessage("unknown {} {}; expected one of {}".format(
+            selector, _shown(name), ", ".join(sorted(schemas))), details)
+    for field, spec in schema.items():
+        if field not in header:
+            if spec.required:
+                raise spec.error("a {} message needs `{}`: {}".format(
+                    name, field, spec.description), details)
+        elif not spec.accepts(header[field]):
+            raise spec.error("`{}` of a {} message must be {}, not {}".format(
+                field, name, spec.description, _shown(header[field])), details)
+    return header
+
+
+def check_request(header):
+    return check(header, REQUEST_SCHEMAS, "op")
+
+
+def check_daemon_message(header):
+    return check(header, DAEMON_SCHEMAS, "op")
+
+
+def check_reply(header):
+    return check(header, REPLY_SCHEMAS, "kind")
 
 
 def default_runtime_dir():

@@ -36,6 +36,7 @@ only touches its socket between calls or under that lock.
 Runs on Python 3.7 with only pyzmq and msgpack.
 """
 
+import collections
 import gc
 import importlib
 import inspect
@@ -51,7 +52,8 @@ import traceback
 import zmq
 
 from modelhost import protocol
-from modelhost.errors import BadArguments, Cancelled, ModelhostError, error_from_wire
+from modelhost.errors import (BadArguments, Cancelled, ModelhostError, PayloadTooLarge,
+                              error_from_wire)
 
 from .engine import CallContext, operations_of
 
@@ -285,6 +287,10 @@ class Slot(object):
         self.identity = _identity(runtime.name, "s{}".format(index))
         self.socket = None
         self.lock = threading.Lock()
+        # (sent at, frames) of recent terminal replies, until the broker has
+        # been heard from for a whole liveness after them.
+        self.kept = collections.deque()
+        self.resent_epoch = 0
         self.thread = threading.Thread(target=self.serve, name="slot-{}".format(index),
                                        daemon=True)
 
@@ -299,7 +305,10 @@ class Slot(object):
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         while not runtime.stopping:
-            # A bounded wait, so the thread notices a stop.
+            if self.resent_epoch != runtime.register_epoch:
+                self.resent_epoch = runtime.register_epoch
+                self._resend_kept()
+            # A bounded wait, so the thread notices a stop and a re-registration.
             if not poller.poll(200):
                 continue
             with self.lock:
@@ -331,6 +340,7 @@ class Slot(object):
             else:
                 header.update(value)
                 frames = protocol.encode(header)
+            runtime.check_reply_size(frames)
             with self.lock:
                 # An engine thread that outlives its call must not speak for it.
                 if not finished[0]:
@@ -352,6 +362,31 @@ class Slot(object):
         with self.lock:
             finished[0] = True
             protocol.send(self.socket, frames)
+            self._keep(frames)
+
+    def _keep(self, frames):
+        """Remember a terminal reply (under self.lock) for a resend after a broker restart."""
+        kept = self.kept
+        # What was sent a whole liveness before the broker was last heard has reached it.
+        confirmed = self.runtime.broker_seen - self.runtime.heartbeat_s * self.runtime.liveness
+        while kept and (kept[0][0] < confirmed or len(kept) >= KEPT_REPLIES):
+            kept.popleft()
+        if sum(len(frame) for frame in frames) <= KEPT_REPLY_BYTES:
+            kept.append((time.monotonic(), frames))
+
+    def _resend_kept(self):
+        """After a (re-)registration: send again the replies a dead broker may have lost.
+
+        A reply that did arrive before is harmless twice: the broker forwards a
+        reply for a call it does not know, and the client drops one for an id
+        it no longer waits for.
+        """
+        with self.lock:
+            for _, frames in self.kept:
+                protocol.send(self.socket, frames)
+            if self.kept:
+                log.info("slot %d sent %d recent results again for the broker that came back",
+                         self.index, len(self.kept))
 
     def _outcome(self, ctx, header, payloads, base, alone):
         """The terminal reply's frames, with the call's memory peaks; engine exceptions never escape."""
@@ -377,8 +412,10 @@ class Slot(object):
             outcome = method(ctx, **arguments)
             if inspect.isgenerator(outcome):
                 outcome = self._drain(ctx, outcome)
-            return protocol.encode_value_message(
+            frames = protocol.encode_value_message(
                 dict(base, kind=protocol.RESULT, mem=memory.call_peaks()), "value", outcome)
+            runtime.check_reply_size(frames)
+            return frames
         except Cancelled as exc:
             return protocol.encode(dict(base, kind=protocol.CANCELLED, message=exc.message,
                                         mem=memory.call_peaks()))
@@ -413,6 +450,9 @@ class Runtime(object):
         self.spec = spec
         self.engine = engine
         self.heartbeat_s = float(spec.get("heartbeat_s", protocol.HEARTBEAT_S))
+        # The broker drops a daemon's connection over a frame larger than this:
+        # a call's reply is checked first and answered payload_too_large.
+        self.max_reply_bytes = spec.get("max_reply_bytes")
         self.liveness = int(spec.get("liveness", protocol.LIVENESS))
         self.parent_pid = spec.get("parent_pid")
         self.started = time.monotonic()
@@ -435,8 +475,22 @@ class Runtime(object):
         self.running = {}
         self.running_lock = threading.Lock()
         self.stopping = False
+        # When the broker last said anything (main thread writes, slots read).
+        self.broker_seen = time.monotonic()
+        # Counts the times a broker came back (or a restarted one asked us to
+        # register): each asks the slots to resend what they kept.
+        self.register_epoch = 0
         self.context = zmq.Context.instance()
         self.slots = [Slot(self, index) for index in range(int(spec.get("concurrency", 1)))]
+
+    def check_reply_size(self, frames):
+        """PayloadTooLarge unless every frame fits what the broker accepts from a daemon."""
+        limit = self.max_reply_bytes
+        largest = max(len(frame) for frame in frames)
+        if limit is not None and largest > limit:
+            raise PayloadTooLarge(
+                "the reply carries a frame of {} bytes; the broker accepts at most {} from a "
+                "daemon (broker.max_reply in its configuration)".format(largest, limit))
 
     # --- lifecycle thread: tier transitions ---------------------------------
 
@@ -567,7 +621,11 @@ class Runtime(object):
             log.error("dropped a message from the broker: %s", exc)
             return
         op = header.get("op")
-        if op == protocol.CANCEL:
+        if header.get("kind") == protocol.ERROR:
+            # The broker refused something of ours (a registration under a name
+            # that a live process holds): say so where people look.
+            log.error("the broker refused this daemon: %s", header.get("message"))
+        elif op == protocol.CANCEL:
             with self.running_lock:
                 ctx = self.running.get((header.get("client"), header.get("id")))
             if ctx is not None:
@@ -579,6 +637,7 @@ class Runtime(object):
         elif op == protocol.REREGISTER:
             log.info("the broker asked this daemon to register again")
             self._register()
+            self.register_epoch += 1
         elif op != protocol.HEARTBEAT:
             log.warning("ignored unknown command %r from the broker", op)
 
@@ -611,7 +670,7 @@ class Runtime(object):
         poller.register(self.control, zmq.POLLIN)
         poller.register(lifecycle, zmq.POLLIN)
         self._register()
-        broker_seen = time.monotonic()
+        self.broker_seen = time.monotonic()
         broker_lost = False
         next_heartbeat = time.monotonic() + self.heartbeat_s
         while not self.stopping:
@@ -623,10 +682,11 @@ class Runtime(object):
             if self.control in events:
                 while protocol.readable(self.control):
                     frames = protocol.recv(self.control)
-                    broker_seen = time.monotonic()
+                    self.broker_seen = time.monotonic()
                     if broker_lost:
                         log.info("the broker is back")
                         broker_lost = False
+                        self.register_epoch += 1  # the slots resend on a live connection
                     self._on_control(frames)
             now = time.monotonic()
             if now >= next_heartbeat:
@@ -635,15 +695,15 @@ class Runtime(object):
                     log.error("the supervising process %s is gone; exiting so no memory is "
                               "held by an orphan", self.parent_pid)
                     break
-                if now - broker_seen > self.heartbeat_s * self.liveness:
+                if now - self.broker_seen > self.heartbeat_s * self.liveness:
                     if not broker_lost:
                         log.warning("no word from the broker for %.1fs; registering again "
-                                    "when it answers", now - broker_seen)
+                                    "when it answers", now - self.broker_seen)
                         broker_lost = True
                     # ZeroMQ reconnects by itself; a register is what a
                     # restarted broker needs to know us, weights still loaded.
                     self._register()
-                    broker_seen = now
+                    self.broker_seen = now
                 else:
                     with self.running_lock:
                         running = len(self.running)

@@ -61,6 +61,7 @@ def test_all_defaults(tmp_path):
     assert config.broker.heartbeat_s == 1.0 and config.broker.liveness == 3
     assert config.broker.client_liveness_s == 10.0
     assert config.broker.max_payload_bytes == 256 * 2**20
+    assert config.broker.max_reply_bytes == 256 * 2**20
     assert config.broker.log_level == "info"
     assert config.daemons == {"espeak": DaemonConfig(
         name="espeak", engine="modelhost.daemons.espeak.engine:EspeakEngine", python="3.12",
@@ -494,6 +495,7 @@ broker:
         "heartbeat_s": 0.25,
         "liveness": 4,
         "concurrency": 2,
+        "max_reply_bytes": 256 * 2**20,
         "pythonpath": ["/opt/lib"],
         "log_level": "warning",
         "parent_pid": 1234,

@@ -30,8 +30,14 @@ def _check_never_started(host, row, why):
     assert why in row["last_error"], row["last_error"]
     with pytest.raises(modelhost.DaemonUnavailable, match=why):
         host.client().call("bad", "info")
+    # A load cannot help either: no process will come to load it.
+    with pytest.raises(modelhost.DaemonUnavailable, match=why):
+        host.client().load("bad", timeout=30)
     assert host.client().call("good", "add", a=2, b=3) == 5
     assert "daemon=bad started" not in host.log()
+    # The supervisor says modelhost is up once the others are ready, naming the one left out.
+    host.wait_for(lambda _: "not started, their setup failed: bad" in host.log(), 30,
+                  "the supervisor to say modelhost is up")
     assert "daemon=bad " + why in host.log()  # said once, and kept for `modelhost logs bad`
     table = subprocess.run([sys.executable, "-m", "modelhost.cli", "ps", "--endpoint",
                             host.endpoint], capture_output=True, text=True, timeout=30).stdout

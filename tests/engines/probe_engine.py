@@ -90,6 +90,19 @@ class ProbeEngine(Engine):
         return 0
 
     @operation
+    def wait_for_file(self, ctx, path: str, done: str = ""):
+        """Return the contents of `path` once it exists; touch `done` just before returning,
+        so a test knows the call is over without guessing a duration."""
+        while not os.path.exists(path):
+            ctx.check_cancelled()
+            time.sleep(0.01)
+        with open(path) as handle:
+            text = handle.read()
+        if done:
+            open(done, "w").close()
+        return text
+
+    @operation
     def fail(self, ctx, message: str = "boom"):
         raise ValueError(message)
 
