@@ -605,14 +605,36 @@ def _children_named(name):
             continue
         try:
             with open("/proc/{}/stat".format(entry)) as handle:
-                fields = handle.read().split()
+                stat = handle.read()
             with open("/proc/{}/cmdline".format(entry), "rb") as handle:
                 cmdline = handle.read()
         except OSError:
             continue
-        if int(fields[3]) == os.getpid() and name.encode() in cmdline and fields[2] != "Z":
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses (a
+        # load generator's "stress-ng-cpu [run]"), so the fields start after the last ")".
+        fields = stat[stat.rfind(")") + 1:].split()
+        if len(fields) < 2:
+            continue  # gone while being read
+        state, ppid = fields[0], int(fields[1])
+        if ppid == os.getpid() and name.encode() in cmdline and state != "Z":
             found.append(int(entry))
     return found
+
+
+def test_children_named_reads_processes_whose_names_have_spaces():
+    # Any process on the machine is read, whatever its name (prctl PR_SET_NAME = 15).
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import ctypes, sys; ctypes.CDLL(None).prctl(15, b'odd (name) x', "
+         "0, 0, 0); print('named', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"named\n"
+        with open("/proc/{}/comm".format(child.pid)) as handle:
+            assert handle.read().strip() == "odd (name) x"
+        assert _children_named("prctl") == [child.pid] and _children_named("ffmpeg") == []
+    finally:
+        child.stdin.close()
+        child.wait()
 
 
 def test_cancel_render(engine):
@@ -639,6 +661,23 @@ def test_cancel_render(engine):
     assert _children_named("ffmpeg") == []
     assert os.listdir(engine._scratch_dir()) == []
     assert engine.render(Recorder().ctx, wav_bytes(0.5))["frames"] == 12
+
+
+def test_cancel_after_the_last_frame_stops_a_stream(engine):
+    # ffmpeg may have no segment ready until the last frame is in (a busy
+    # machine): then the stream's first chunks come after rendering, and a
+    # cancel there must still end it with Cancelled, and clean up.
+    def cancel_after_the_last_frame(recorder, kind, value):
+        if kind == "progress" and value["stage"] == "render" and value["fraction"] == 1.0:
+            recorder.ctx.cancel()
+
+    recorder = Recorder(stream=True, on_event=cancel_after_the_last_frame)
+    stream = engine.render(recorder.ctx, wav_bytes(1.0))
+    with pytest.raises(Cancelled):
+        drain(stream)
+    assert recorder.progress("render")[-1]["fraction"] == 1.0
+    assert _children_named("ffmpeg") == []
+    assert os.listdir(engine._scratch_dir()) == []
 
 
 def test_render_reads_read_only_inputs_and_writes_nothing(tmp_path, read_only):

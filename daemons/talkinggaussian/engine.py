@@ -680,8 +680,12 @@ class TalkingGaussianEngine(TorchEngine):
                     encoder.write(frame)
                     rendered += 1
                     for kind, data in encoder.segments():
+                        ctx.check_cancelled()
                         yield chunk(kind, data, rendered)
+                # ffmpeg may hand over its first segment only here, after the last
+                # frame: a cancel then must stop the stream too, not only between frames.
                 for kind, data in encoder.finish():
+                    ctx.check_cancelled()
                     yield chunk(kind, data, rendered)
             except BaseException:  # cancelled, failed, or the client went away (close())
                 if encoder is not None:
