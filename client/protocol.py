@@ -418,6 +418,7 @@ def _process(value):
     # One daemon's process facts in a supervisor report.
     return (isinstance(value, dict) and _one_of(PROCESS_STATUSES)(value.get("status"))
             and _or_none(lambda pid: _int(pid, 1))(value.get("pid"))
+            and _or_none(lambda pid: _int(pid, 1))(value.get("exited_pid"))
             and _int(value.get("restarts", 0), 0)
             and _or_none(_text)(value.get("error")) and is_plain(value))
 

@@ -256,6 +256,7 @@ def pid_alive(pid):
     # A zombie still answers kill(0); it is dead for our purposes.
     try:
         with open("/proc/{}/stat".format(pid)) as handle:
-            return handle.read().split()[2] != "Z"
+            # The state follows the name, which may hold spaces and parentheses.
+            return handle.read().rpartition(")")[2].split()[0] != "Z"
     except OSError:
         return False
