@@ -26,6 +26,7 @@ from modelhost.protocol import DaemonState
 from modelhost.errors import ModelhostError
 
 from .config import Config
+from .curve import Curve
 from .events import EventLog
 from .footprints import STATE_FILE, FootprintStore, fingerprint
 from .memory import MemoryProbe, choose_probe
@@ -104,6 +105,7 @@ class Broker:
         # reads this from `status()` and keeps them stopped until it empties.
         self.stopped_for_memory: set[str] = set()
         self.context = zmq.Context()
+        self.curve = Curve(self.context, broker.curve)  # before the first bind
         # A hard cap per frame from clients; the per-daemon limit is checked
         # softly with an error reply, this one protects the broker's memory.
         # Daemons are trusted and may answer with more (a rendered video).
@@ -133,6 +135,7 @@ class Broker:
         # subscriber that does not keep up rather than hold up routing.
         self.event_socket = self.context.socket(zmq.PUB)
         self.event_socket.setsockopt(zmq.LINGER, 0)
+        self.curve.serve(self.event_socket, broker.events)
         prepare_ipc(broker.events)
         self.event_socket.bind(broker.events)
         self.events = EventLog(sinks=[self._publish_event])
@@ -176,6 +179,7 @@ class Broker:
         router.setsockopt(zmq.LINGER, 0)
         if max_frame is not None:
             router.setsockopt(zmq.MAXMSGSIZE, max_frame)
+        self.curve.serve(router, endpoint)
         prepare_ipc(endpoint)
         router.bind(endpoint)
         return router
@@ -657,6 +661,7 @@ class Broker:
             self.units.close()
         self.systemd.stopping()
         self.store.save()
+        self.curve.close()
         self.context.destroy(linger=0)
         self.systemd.close()
         return 0

@@ -31,7 +31,7 @@ from modelhost.protocol import Priority, default_runtime_dir
 
 __all__ = [
     "ConfigError", "RestartPolicy", "DaemonConfig", "DeviceLimit", "MemoryConfig",
-    "BrokerConfig", "Config", "default_config_path", "load_config", "parse_config",
+    "BrokerConfig", "CurveConfig", "Config", "default_config_path", "load_config", "parse_config",
     "daemon_spec", "interpreter_for", "find_base_interpreter", "parse_size", "format_size",
 ]
 
@@ -139,6 +139,14 @@ DEFAULT_HTTP = ("127.0.0.1", 9466)
 
 
 @dataclass(frozen=True)
+class CurveConfig:
+    """CURVE on every tcp:// endpoint the broker binds (ipc:// stays plain)."""
+
+    secret_key: Path  # the broker's NAME.key_secret (from `modelhost keys`)
+    authorized_keys: Path  # a directory of the public NAME.key files of allowed clients
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     runtime_dir: Path  # ipc sockets and daemon spec files
     state_dir: Path  # venvs and remembered state
@@ -158,6 +166,8 @@ class BrokerConfig:
     # (host, port) of the metrics and dashboard server, loopback only; port 0
     # takes any free port; None: no HTTP server.
     http: tuple[str, int] | None = DEFAULT_HTTP
+    # None: no CURVE, and then tcp:// only on loopback.
+    curve: CurveConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -187,7 +197,7 @@ _ENV_REF = re.compile(r"\$(?:\{([^}]*)\}|(\w+))")
 # The longest ipc path libzmq accepts: sockaddr_un.sun_path is 108 bytes with its NUL.
 _MAX_IPC_PATH = 107
 
-_BROKER_KEYS = ("runtime_dir", "state_dir", "frontend", "backend", "events", "http",
+_BROKER_KEYS = ("runtime_dir", "state_dir", "frontend", "backend", "events", "http", "curve",
                 "heartbeat_s", "liveness", "client_liveness_s", "max_payload", "max_reply",
                 "log_level", "memory")
 
@@ -199,6 +209,7 @@ _DAEMON_KEYS = ("engine", "python", "venv", "requirements", "options", "pythonpa
                 "stop_timeout_s", "restart", "autostart", "memory", "device", "pin",
                 "idle_ttl_s", "preload", "priority")
 _FOOTPRINT_KEYS = ("resident", "peak")
+_CURVE_KEYS = ("secret_key", "authorized_keys")
 _RESTART_KEYS = ("backoff_s", "max_backoff_s", "reset_after_s")
 
 _BAD = object()  # a value that failed validation; the error is already recorded
@@ -258,7 +269,21 @@ def daemon_spec(config: Config, name: str, *, parent_pid: int | None = None) -> 
         "pythonpath": [str(p) for p in daemon.pythonpath],
         "log_level": config.broker.log_level,
         "parent_pid": parent_pid,
+        **_curve_spec(config.broker),
     }
+
+
+def _curve_spec(broker: BrokerConfig) -> dict:
+    """How a daemon on this host connects to a CURVE backend: as the broker itself.
+
+    The broker's own key pair is always authorized, so the processes of the
+    host that can read its secret key (daemons, the supervisor) need no keys
+    of their own. A daemon on another host gets a spec with its own pair.
+    """
+    if broker.curve is None or not broker.backend.startswith("tcp://"):
+        return {}
+    key = str(broker.curve.secret_key)
+    return {"curve": {"server_key": key, "client_key": key}}
 
 
 def interpreter_for(daemon: DaemonConfig) -> Path:
@@ -427,13 +452,14 @@ class _Parser:
 
         runtime_dir = get("runtime_dir", self.path_value, None) or _absolute(default_runtime_dir())
         state_dir = get("state_dir", self.path_value, None) or _default_state_dir()
+        curve = get("curve", self.curve, None)
         endpoints = {}
         for key in ("frontend", "backend", "events"):
             default = f"ipc://{{runtime_dir}}/{key}.sock"
             node = fields[key][1] if key in fields else None
             template = get(key, self.string, default)
             endpoints[key] = self.endpoint(template, node, f"broker.{key}", runtime_dir,
-                                           state_dir, entry, fields)
+                                           state_dir, entry, fields, curve="curve" in fields)
         # All three are bound by the broker; one address cannot be bound twice.
         for first, second in (("frontend", "backend"), ("frontend", "events"),
                               ("backend", "events")):
@@ -463,6 +489,7 @@ class _Parser:
             memory=get("memory", self.memory, MemoryConfig()),
             events=endpoints["events"],
             http=get("http", self.http_address, DEFAULT_HTTP),
+            curve=curve,
         )
 
     def memory(self, node: Node, kp: str) -> Any:
@@ -734,6 +761,57 @@ class _Parser:
             return _BAD
         return host.strip("[]"), int(port)
 
+    def curve(self, node: Node, kp: str) -> Any:
+        fields = self.mapping(node, kp, _CURVE_KEYS)
+        if fields is None:
+            return _BAD
+        for required in _CURVE_KEYS:
+            if required not in fields:
+                self.error(node, f"{kp}.{required}", "required key is missing (make a key "
+                                                     "pair with `modelhost keys broker`)")
+        secret = self.field(fields, kp, "secret_key", self.secret_key_file, None)
+        authorized = self.field(fields, kp, "authorized_keys", self.key_directory, None)
+        if secret is None or authorized is None:
+            return _BAD
+        return CurveConfig(secret_key=secret, authorized_keys=authorized)
+
+    def secret_key_file(self, node: Node, kp: str) -> Any:
+        path = self.path_value(node, kp)
+        if path is _BAD:
+            return _BAD
+        import zmq.auth
+
+        try:
+            mode = os.stat(path).st_mode
+            _, secret = zmq.auth.load_certificate(str(path))
+        except OSError as e:
+            self.error(node, kp, f"cannot read {path}: {e.strerror or e}; make the broker's "
+                                 "key pair with `modelhost keys broker`")
+            return _BAD
+        except ValueError:
+            self.error(node, kp, f"{path} is not a CURVE certificate; use the NAME.key_secret "
+                                 "that `modelhost keys` writes")
+            return _BAD
+        if secret is None:
+            self.error(node, kp, f"{path} holds only a public key; use the NAME.key_secret "
+                                 "beside it")
+            return _BAD
+        if mode & 0o077:
+            self.error(node, kp, f"{path} is open to group or others (mode {mode & 0o777:04o}); "
+                                 f"a secret key must be owner-only: chmod 600 {path}")
+            return _BAD
+        return path
+
+    def key_directory(self, node: Node, kp: str) -> Any:
+        path = self.path_value(node, kp)
+        if path is _BAD:
+            return _BAD
+        if not path.is_dir():
+            self.error(node, kp, f"{path} is not a directory; create it and copy there the "
+                                 "public NAME.key of each client to let in")
+            return _BAD
+        return path
+
     def integer(self, node: Node, kp: str, minimum: int) -> Any:
         value = self.scalar(node)
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
@@ -950,10 +1028,10 @@ class _Parser:
 
     def endpoint(self, template: str, node: Node | None, kp: str, runtime_dir: Path,
                  state_dir: Path, section: tuple[Node, Node] | None,
-                 fields: dict[str, tuple[Node, Node]]) -> str:
+                 fields: dict[str, tuple[Node, Node]], curve: bool = False) -> str:
         endpoint = (template.replace("{runtime_dir}", str(runtime_dir))
                     .replace("{state_dir}", str(state_dir)))
-        problem = _endpoint_problem(endpoint)
+        problem = _endpoint_problem(endpoint, curve)
         if problem:
             # A default endpoint can go wrong only through runtime_dir: point there.
             where = node or (fields.get("runtime_dir") or section or (None, 1))[1]
@@ -1009,8 +1087,8 @@ def _default_state_dir() -> Path:
     return _absolute("~/.local/state/modelhost")
 
 
-def _endpoint_problem(endpoint: str) -> str | None:
-    """Why a ZeroMQ endpoint cannot be used, or None."""
+def _endpoint_problem(endpoint: str, curve: bool = False) -> str | None:
+    """Why a ZeroMQ endpoint cannot be used, or None (`curve`: broker.curve is configured)."""
     leftover = re.search(r"\{[^}]*\}", endpoint)
     if leftover:
         return (f"unknown placeholder {leftover.group(0)} in {endpoint!r}; "
@@ -1029,9 +1107,11 @@ def _endpoint_problem(endpoint: str) -> str | None:
         host, sep, port = endpoint[len("tcp://"):].rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             return f"expected tcp://HOST:PORT with a port from 1 to 65535, got {endpoint!r}"
-        if not _is_loopback(host):
+        if not curve and not _is_loopback(host):
             return (f"{endpoint!r} is not on loopback: non-loopback tcp needs CURVE "
-                    "authentication, which is not configured here; use ipc:// or 127.0.0.1")
+                    "authentication, which is not configured here; set broker.curve "
+                    "(secret_key, authorized_keys: see `modelhost keys`), or use ipc:// "
+                    "or 127.0.0.1")
         return None
     return f"expected an endpoint starting with ipc://, tcp:// or inproc://, got {endpoint!r}"
 

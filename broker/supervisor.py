@@ -39,6 +39,7 @@ from modelhost import protocol
 from modelhost.errors import ModelhostError
 
 from .config import Config, DaemonConfig, RestartPolicy, daemon_spec, interpreter_for
+from .curve import secure_link
 from .envs import FINGERPRINT_FILE
 
 log = logging.getLogger("modelhost.supervisor")
@@ -360,6 +361,7 @@ class Supervisor:
             self.link = self.context.socket(zmq.DEALER)
             self.link.setsockopt(zmq.LINGER, 0)
             self.link.setsockopt(zmq.SNDHWM, 4)
+            secure_link(self.link, self.config.broker)
             self.link.connect(self.config.broker.frontend)
         while True:
             try:

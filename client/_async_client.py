@@ -6,6 +6,7 @@ import time
 import zmq
 import zmq.asyncio
 
+from . import _curve
 from . import _messages as m
 from . import protocol
 from ._client import ClientState
@@ -19,17 +20,21 @@ class AsyncClient(AsyncModelCalls):
         async with AsyncClient() as client:
             result = await client.call("espeak", "tts", text="hello")
 
-    Cancelling the task awaiting a call cancels the remote work.
+    Cancelling the task awaiting a call cancels the remote work. `curve`: as for Client.
     """
 
-    def __init__(self, endpoint=None, timeout=None, broker_timeout=10.0, context=None):
+    def __init__(self, endpoint=None, timeout=None, broker_timeout=10.0, context=None, *,
+                 curve=None):
         self.endpoint = endpoint or protocol.default_endpoint()
+        curve_keys = _curve.client_keys(curve)
         self.timeout = timeout
         self.broker_timeout = broker_timeout
         self._context = context or zmq.asyncio.Context.instance()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.ROUTING_ID, m.new_identity())
         self._socket.setsockopt(zmq.LINGER, 0)
+        _curve.secure(self._socket, self.endpoint, curve_keys)
+        self._handshake = _curve.watch(self._socket, self.endpoint, curve_keys)
         self._socket.connect(self.endpoint)
         self._state = ClientState.OPEN
         self._next_id = 0
@@ -67,12 +72,13 @@ class AsyncClient(AsyncModelCalls):
         request_id = self._new_id()
         queue = self._open(request_id)
         try:
-            await self._socket.send_multipart(m.control_frames(protocol.PS, request_id))
+            await self._send(m.control_frames(protocol.PS, request_id))
             self._sent.add(request_id)
             header, payloads = await asyncio.wait_for(queue.get(), timeout)
         except asyncio.TimeoutError:
-            raise BrokerUnavailable("no answer from the broker at {} within {:.0f}s".format(
-                self.endpoint, timeout))
+            raise BrokerUnavailable(_curve.explain(
+                self._handshake, "no answer from the broker at {} within {:.0f}s".format(
+                    self.endpoint, timeout)))
         finally:
             self._queues.pop(request_id, None)
             self._sent.discard(request_id)
@@ -97,13 +103,14 @@ class AsyncClient(AsyncModelCalls):
         return await self._model_op(protocol.UNPIN, name)
 
     async def cancel(self, request_id):
-        await self._socket.send_multipart(m.control_frames(protocol.CANCEL, request_id))
+        await self._send(m.control_frames(protocol.CANCEL, request_id))
 
     async def aclose(self):
         if self._state is ClientState.OPEN:
             self._state = ClientState.CLOSED
             if self._reader is not None:
                 self._reader.cancel()
+            _curve.close(self._handshake)
             self._socket.close(linger=0)
 
     async def __aenter__(self):
@@ -119,6 +126,10 @@ class AsyncClient(AsyncModelCalls):
             raise StateError("this AsyncClient is {}; create a new one".format(self._state.value))
         self._next_id += 1
         return self._next_id
+
+    async def _send(self, frames, copy=True):
+        await _curve.wait_to_send_async(self._handshake, self._socket, self.broker_timeout)
+        await self._socket.send_multipart(frames, copy=copy)
 
     def _open(self, request_id):
         if not self._queues:
@@ -152,7 +163,7 @@ class AsyncClient(AsyncModelCalls):
         deadline = None if timeout is None else time.monotonic() + timeout + m.TIMEOUT_GRACE_S
         finished = False
         try:
-            await self._socket.send_multipart(frames, copy=False)
+            await self._send(frames, copy=False)
             self._sent.add(request_id)
             while True:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -190,12 +201,16 @@ class AsyncClient(AsyncModelCalls):
                     # Pings keep this client alive in the broker's eyes and
                     # reveal requests that a restarted broker no longer knows.
                     last_ping = time.monotonic()
-                    await self._socket.send_multipart(self._pings.frames(self._sent))
+                    # Best effort: a socket that cannot send (a refused handshake) must
+                    # not hold up the reader, which reports the silence below.
+                    if _curve.writable(self._handshake, self._socket):
+                        await self._socket.send_multipart(self._pings.frames(self._sent))
                     silent = time.monotonic() - self._last_heard
                     if silent > self.broker_timeout:
                         error = protocol.error_header(
-                            None, BrokerUnavailable.code, "no answer from the broker at {} for "
-                            "{:.0f}s; is `modelhost up` running?".format(self.endpoint, silent))
+                            None, BrokerUnavailable.code, _curve.explain(
+                                self._handshake, "no answer from the broker at {} for {:.0f}s; "
+                                "is `modelhost up` running?".format(self.endpoint, silent)))
                         for queue in self._queues.values():
                             queue.put_nowait((error, []))
                         return

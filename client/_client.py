@@ -6,6 +6,7 @@ import time
 
 import zmq
 
+from . import _curve
 from . import _messages as m
 from . import protocol
 from .errors import BrokerUnavailable, StateError, Timeout
@@ -68,10 +69,17 @@ class Client(ModelCalls):
             audio = client.call("espeak", "tts", text="hello")
 
     Not thread-safe: use one Client per thread.
+
+    `curve` (for a broker over tcp:// with CURVE): None takes the key files from
+    $MODELHOST_CURVE_SERVER_KEY and $MODELHOST_CURVE_CLIENT_KEY if set; False
+    never uses CURVE; {"server_key": the broker's NAME.key, "client_key": this
+    client's NAME.key_secret} (files written by `modelhost keys`).
     """
 
-    def __init__(self, endpoint=None, timeout=None, broker_timeout=10.0, context=None):
+    def __init__(self, endpoint=None, timeout=None, broker_timeout=10.0, context=None, *,
+                 curve=None):
         self.endpoint = endpoint or protocol.default_endpoint()
+        self._curve_keys = _curve.client_keys(curve)
         # Default per-call timeout in seconds (None: calls may run for ever).
         self.timeout = timeout
         # How long the broker may stay silent while we wait before the call
@@ -81,6 +89,8 @@ class Client(ModelCalls):
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.ROUTING_ID, m.new_identity())
         self._socket.setsockopt(zmq.LINGER, 0)
+        _curve.secure(self._socket, self.endpoint, self._curve_keys)
+        self._handshake = _curve.watch(self._socket, self.endpoint, self._curve_keys)
         self._socket.connect(self.endpoint)
         self._state = ClientState.OPEN
         self._next_id = 0
@@ -133,8 +143,9 @@ class Client(ModelCalls):
                 m.raise_for(header)
         except Timeout:
             # The broker answers ps at once: silence means nobody is there.
-            raise BrokerUnavailable("no answer from the broker at {} within {:.0f}s; is "
-                                    "`modelhost up` running?".format(self.endpoint, timeout))
+            raise BrokerUnavailable(_curve.explain(
+                self._handshake, "no answer from the broker at {} within {:.0f}s; is "
+                "`modelhost up` running?".format(self.endpoint, timeout)))
 
     def events(self, kinds=None, timeout=None):
         """Iterate the broker's events as they happen: dicts with seq, time, kind,
@@ -160,6 +171,8 @@ class Client(ModelCalls):
         # (once ZeroMQ has connected, a few milliseconds).
         socket = self._context.socket(zmq.SUB)
         socket.setsockopt(zmq.LINGER, 0)
+        # A CURVE broker's events over tcp need the same keys as its frontend.
+        _curve.secure(socket, endpoint, self._curve_keys)
         socket.connect(endpoint)
         for kind in kinds:
             socket.setsockopt(zmq.SUBSCRIBE, kind.encode())
@@ -209,6 +222,7 @@ class Client(ModelCalls):
 
     def close(self):
         if self._state is ClientState.OPEN:
+            _curve.close(self._handshake)
             self._socket.close(linger=0)
             self._state = ClientState.CLOSED
 
@@ -230,6 +244,7 @@ class Client(ModelCalls):
         return self._next_id
 
     def _send(self, frames):
+        _curve.wait_to_send(self._handshake, self._socket, self.broker_timeout)
         protocol.send(self._socket, frames)
 
     def _expect(self, request_id):
@@ -293,9 +308,10 @@ class Client(ModelCalls):
                           "asked to cancel the request".format(grace))
         if now - self._last_heard > self.broker_timeout:
             self._forget(request_id)
-            raise BrokerUnavailable(
+            raise BrokerUnavailable(_curve.explain(
+                self._handshake,
                 "no answer from the broker at {} for {:.0f}s; is `modelhost up` running?"
-                .format(self.endpoint, now - self._last_heard))
+                .format(self.endpoint, now - self._last_heard)))
         if now - self._last_ping >= protocol.HEARTBEAT_S:
             # Pings keep this client alive in the broker's eyes while it waits
             # and reveal a request that a restarted broker no longer knows.

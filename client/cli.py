@@ -1,4 +1,4 @@
-"""The `modelhost` command line: up, setup, install-systemd, logs, ps, top, events,
+"""The `modelhost` command line: up, setup, install-systemd, logs, keys, ps, top, events,
 call, say, load, unload, pin, unpin, and the model verbs tts, text-to-audio,
 talking-head.
 
@@ -9,12 +9,14 @@ soundfile to write audio; top the rich library). `up`, `setup` and
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 import wave
 from pathlib import Path
 
-from . import protocol
+from . import _curve, protocol
 from ._client import Client
 from .errors import ModelhostError
 
@@ -28,7 +30,14 @@ def _endpoint(args):
     if getattr(args, "config", None):
         from modelhost.broker.config import load_config
 
-        return load_config(args.config).broker.frontend
+        broker = load_config(args.config).broker
+        if broker.curve is not None and not (os.environ.get(_curve.SERVER_KEY_ENV)
+                                             or os.environ.get(_curve.CLIENT_KEY_ENV)):
+            # On the broker's host, as a user who can read its secret key: connect
+            # as the broker itself, whose key is always let in.
+            os.environ[_curve.SERVER_KEY_ENV] = str(broker.curve.secret_key)
+            os.environ[_curve.CLIENT_KEY_ENV] = str(broker.curve.secret_key)
+        return broker.frontend
     return protocol.default_endpoint()
 
 
@@ -136,6 +145,67 @@ def cmd_logs(args):
     from . import _logs
 
     return _logs.main(args.name, args.lines, args.follow, args.config)
+
+
+# --- keys ----------------------------------------------------------------------
+
+KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _default_keys_dir(config_path):
+    if config_path:
+        from modelhost.broker.config import load_config
+
+        return load_config(config_path).broker.state_dir / "keys"
+    # The broker's default state dir, worked out here: clients make keys too,
+    # on machines without the broker package.
+    state = os.environ.get("MODELHOST_STATE_DIR")
+    if not state:
+        xdg = os.environ.get("XDG_STATE_HOME")
+        state = os.path.join(xdg, "modelhost") if xdg else "~/.local/state/modelhost"
+    return Path(os.path.abspath(os.path.expanduser(state))) / "keys"
+
+
+def cmd_keys(args):
+    import zmq.auth
+
+    if not KEY_NAME.match(args.name):
+        print("modelhost: key name {!r}: use letters, digits, '_', '.' and '-'".format(
+            args.name), file=sys.stderr)
+        return EXIT_USAGE
+    directory = Path(os.path.abspath(os.path.expanduser(args.dir))) if args.dir \
+        else _default_keys_dir(args.config)
+    public, secret = directory / (args.name + ".key"), directory / (args.name + ".key_secret")
+    existing = [str(path) for path in (public, secret) if path.exists()]
+    if existing and not args.force:
+        print("modelhost: {} already exist(s); pass --force to replace the key pair (whoever "
+              "holds the old public key is then refused)".format(", ".join(existing)),
+              file=sys.stderr)
+        return EXIT_ERROR
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Owner-only from the first byte: create_certificates writes with the umask.
+    old_umask = os.umask(0o077)
+    try:
+        for path in (public, secret):
+            if path.exists():
+                path.unlink()
+        zmq.auth.create_certificates(str(directory), args.name)
+    finally:
+        os.umask(old_umask)
+    os.chmod(str(secret), 0o600)
+    os.chmod(str(public), 0o644)  # a public key is meant to be copied around
+    print("wrote {} (public) and {} (secret, owner-only)\n"
+          "as the broker's key pair: in its configuration,\n"
+          "    broker:\n"
+          "      curve:\n"
+          "        secret_key: {}\n"
+          "        authorized_keys: {}   # the clients' public NAME.key files\n"
+          "  and give clients {} (their MODELHOST_CURVE_SERVER_KEY)\n"
+          "as a client's key pair: copy {} into the broker's authorized_keys directory,\n"
+          "  and on this client: export MODELHOST_CURVE_CLIENT_KEY={}\n"
+          "                      export MODELHOST_CURVE_SERVER_KEY=<the broker's NAME.key>"
+          .format(public, secret, secret, directory / "authorized", public, public, secret))
+    return 0
 
 
 # --- ps ------------------------------------------------------------------------
@@ -690,6 +760,16 @@ def build_parser():
     logs.add_argument("-f", "--follow", action="store_true",
                       help="then print new lines as they come, until Ctrl-C")
     logs.set_defaults(handler=cmd_logs)
+
+    keys = sub.add_parser("keys", help="make a CURVE key pair, for a broker or a client over "
+                                       "tcp beyond loopback")
+    keys.add_argument("name", nargs="?", default="broker", metavar="NAME",
+                      help="the pair's name: NAME.key (public) and NAME.key_secret "
+                           "(default: broker)")
+    keys.add_argument("--dir", help="where to write them (default: <state_dir>/keys)")
+    keys.add_argument("--config", help="take the state dir from this configuration file")
+    keys.add_argument("--force", action="store_true", help="replace an existing pair")
+    keys.set_defaults(handler=cmd_keys)
 
     ps = sub.add_parser("ps", help="list the daemons and their state")
     client_options(ps)

@@ -278,6 +278,20 @@ def _identity(name, role):
     return "{}:{}:{}".format(name, os.getpid(), role).encode()
 
 
+def _curve_client(socket, endpoint, spec):
+    """A CURVE client of a tcp backend when the spec says how (its "curve": the
+    broker's public key file and this daemon's key_secret; see daemon_spec)."""
+    curve = spec.get("curve")
+    if not curve or not endpoint.startswith("tcp://"):
+        return
+    import zmq.auth
+
+    socket.setsockopt(zmq.CURVE_SERVERKEY, zmq.auth.load_certificate(curve["server_key"])[0])
+    public, secret = zmq.auth.load_certificate(curve["client_key"])
+    socket.setsockopt(zmq.CURVE_PUBLICKEY, public)
+    socket.setsockopt(zmq.CURVE_SECRETKEY, secret)
+
+
 class Slot(object):
     """One call at a time, on its own socket and thread."""
 
@@ -298,6 +312,7 @@ class Slot(object):
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.ROUTING_ID, self.identity)
         self.socket.setsockopt(zmq.LINGER, 1000)
+        _curve_client(self.socket, endpoint, self.runtime.spec)
         self.socket.connect(endpoint)
 
     def serve(self):
@@ -660,6 +675,7 @@ class Runtime(object):
         self.control = self.context.socket(zmq.DEALER)
         self.control.setsockopt(zmq.ROUTING_ID, _identity(self.name, "control"))
         self.control.setsockopt(zmq.LINGER, 1000)
+        _curve_client(self.control, self.spec["backend"], self.spec)
         self.control.connect(self.spec["backend"])
         for slot in self.slots:
             slot.connect(self.context, self.spec["backend"])
