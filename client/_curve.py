@@ -24,6 +24,9 @@ _EVENTS = {name: getattr(zmq, "EVENT_" + name, 0) for name in (
     "HANDSHAKE_SUCCEEDED", "HANDSHAKE_FAILED_AUTH", "HANDSHAKE_FAILED_PROTOCOL",
     "HANDSHAKE_FAILED_NO_DETAIL")}
 _monitors = itertools.count()  # numbers the monitors' inproc addresses
+# Plain ints, checked before every send: enums cost more (see protocol.readable).
+_EVENTS_OPTION = int(zmq.EVENTS)
+_POLLOUT = int(zmq.POLLOUT)
 
 
 class CurveKeys(object):
@@ -190,7 +193,7 @@ def wait_to_send(handshake, socket, timeout):
     if handshake is None:
         return
     deadline = time.monotonic() + timeout
-    while not socket.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+    while not socket.getsockopt(_EVENTS_OPTION) & _POLLOUT:
         handshake.raise_if_refused(deadline)
         socket.poll(100, zmq.POLLOUT)
 
@@ -200,14 +203,14 @@ async def wait_to_send_async(handshake, socket, timeout):
     if handshake is None:
         return
     deadline = time.monotonic() + timeout
-    while not socket.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+    while not socket.getsockopt(_EVENTS_OPTION) & _POLLOUT:
         handshake.raise_if_refused(deadline)
         await socket.poll(100, zmq.POLLOUT)
 
 
 def writable(handshake, socket):
     """Whether a send on the socket goes at once (always, for a socket not watched)."""
-    return handshake is None or bool(socket.getsockopt(zmq.EVENTS) & zmq.POLLOUT)
+    return handshake is None or bool(socket.getsockopt(_EVENTS_OPTION) & _POLLOUT)
 
 
 def explain(handshake, message):
