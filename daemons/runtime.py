@@ -278,6 +278,13 @@ def _identity(name, role):
     return "{}:{}:{}".format(name, os.getpid(), role).encode()
 
 
+# Terminal replies kept per slot for a resend to a restarted broker: a reply
+# sent just before the broker died, or into a connection that ZeroMQ had not
+# yet seen close, is gone otherwise, and with it work that was done.
+KEPT_REPLIES = 16
+KEPT_REPLY_BYTES = 64 * 2**20
+
+
 def _curve_client(socket, endpoint, spec):
     """A CURVE client of a tcp backend when the spec says how (its "curve": the
     broker's public key file and this daemon's key_secret; see daemon_spec)."""
