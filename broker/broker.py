@@ -488,9 +488,11 @@ class Broker:
         name = header["name"]
         holder = self.scheduler.daemons.get(name)
         if holder is not None and holder.identity not in (None, identity) \
-                and holder.pid != header["pid"] and self._process_alive(holder):
-            # A second process under a live daemon's name: the live one keeps it,
-            # so a stray or hostile peer cannot take its calls.
+                and self._process_alive(holder):
+            # Another socket under a live daemon's name (whatever pid it claims:
+            # a pid is only its word): the live one keeps it, so a stray or
+            # hostile peer cannot take its calls. A restarted daemon comes
+            # with a new pid after the old one's pidfd said it exited.
             log.error("daemon=%s refused a registration from pid %s (%r): pid %s is alive and "
                       "registered under that name", name, header["pid"], identity, holder.pid)
             self._to_daemon(identity, protocol.error_header(

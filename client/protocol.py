@@ -23,6 +23,7 @@ a value is an array and numpy is importable).
 
 import math
 import os
+import reprlib
 import sys
 import threading
 
@@ -294,9 +295,9 @@ def decode_header(frame):
     if version != VERSION:
         # The request id travels in details so that the error reply can name it.
         raise ProtocolMismatch(
-            "this peer speaks modelhost protocol {} but the message says {!r}; install "
-            "the same modelhost version on both sides".format(VERSION, version),
-            {"id": header.get("id")})
+            "this peer speaks modelhost protocol {} but the message says {}; install "
+            "the same modelhost version on both sides".format(VERSION, _shown(version)),
+            {"id": header.get("id") if is_request_id(header.get("id")) else None})
     return header
 
 
@@ -524,8 +525,13 @@ REPLY_SCHEMAS = {
 }
 
 
+# Bounded in depth and length: a hostile value may nest a thousand levels deep.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 40, 40
+
+
 def _shown(value):
-    text = repr(value)
+    text = _REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
