@@ -18,6 +18,7 @@ import signal
 import socket
 import time
 import uuid
+from collections import OrderedDict
 
 import zmq
 
@@ -36,6 +37,9 @@ from .sd_notify import Notifier
 from .systemd_daemons import SystemdDaemons
 
 log = logging.getLogger("modelhost.broker")
+
+# Terminal replies of unknown calls that were delivered, remembered to drop copies.
+DELIVERED_REMEMBERED = 4096
 
 
 def prepare_ipc(endpoint: str) -> None:
@@ -120,6 +124,12 @@ class Broker:
         self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.held_for_clients = Parking(max_bytes=4 * broker.max_reply_bytes)
         self.held_from_slots = Parking(max_bytes=2 * broker.max_reply_bytes)
+        # Replies for calls this broker does not know (they ended while it was
+        # down, or a daemon sent a reply again after a restart): only the client
+        # knows whether it still waits for one, and its next ping says so. So
+        # each reaches the client once, never a second time.
+        self.unclaimed = Parking(max_bytes=4 * broker.max_reply_bytes)
+        self.delivered_unclaimed: OrderedDict[tuple, None] = OrderedDict()
         # Only the supervisor that started this broker knows it (it is passed in
         # the broker's environment, which other users cannot read): process
         # reports from anyone else are refused.
@@ -349,7 +359,9 @@ class Broker:
         elif op == protocol.CANCEL:
             self.scheduler.on_cancel(client, request_id)
         elif op == protocol.PING:
-            known = [rid for rid in header.get("ids", []) if self.scheduler.knows(client, rid)]
+            waiting = header.get("ids", [])
+            self._deliver_unclaimed(client, set(waiting))
+            known = [rid for rid in waiting if self.scheduler.knows(client, rid)]
             # Settled: up long enough for every live daemon to have registered
             # the calls it is running, so "unknown" now means lost.
             settled = self.clock() - self.started > self.scheduler.daemon_expiry_s + \
@@ -518,6 +530,21 @@ class Broker:
             for held in self.held_from_slots.release(slot):
                 self.on_backend([zmq.Frame(slot)] + held)
 
+    def _deliver_unclaimed(self, client: bytes, waiting: set) -> None:
+        """Replies for calls this broker does not know, to a client that still waits for them."""
+        for held in self.unclaimed.take(client):
+            request_id, terminal = held.tag
+            key = (client, request_id)
+            if request_id not in waiting or key in self.delivered_unclaimed:
+                log.debug("rid=%s dropped a reply its client had already", request_id)
+                continue
+            self._to_client_frames(client, held.frames)
+            if terminal:
+                # A ping sent before this reply arrived still lists the id.
+                self.delivered_unclaimed[key] = None
+                while len(self.delivered_unclaimed) > DELIVERED_REMEMBERED:
+                    self.delivered_unclaimed.popitem(last=False)
+
     def _process_alive(self, daemon) -> bool:
         """Whether the daemon's registered process still runs: its pidfd, else its heartbeats."""
         fd = next((fd for fd, watched in self.pidfds.items() if watched == daemon.name), None)
@@ -537,13 +564,18 @@ class Broker:
             return
         client = header["client"]
         terminal = header["kind"] in protocol.TERMINAL_KINDS
-        request = self.scheduler.request_from(identity, client, header["id"]) \
-            if terminal else None
+        request = self.scheduler.request_from(identity, client, header["id"])
         if self.scheduler.on_reply(name, client, header["id"], terminal,
                                    header.get("mem") if terminal else None, identity):
+            if request is None:
+                if not self.unclaimed.hold(client, body, self.clock(),
+                                           tag=(header["id"], terminal)):
+                    log.error("daemon=%s rid=%s dropped a reply for a call this broker does "
+                              "not know: no room to hold it", name, header["id"])
+                return
             # The daemon's header frame goes to the client unchanged.
             self._to_client_frames(client, body)
-            if request is not None:
+            if terminal:
                 kind = header["kind"]
                 if kind == protocol.RESULT:
                     self._ended(request, "ok")
@@ -714,6 +746,7 @@ class Broker:
     def _expire_held(self) -> None:
         now = self.clock()
         gone = {client for client, _ in self.held_for_clients.expire(
+            now, self.config.broker.client_liveness_s) + self.unclaimed.expire(
             now, self.config.broker.client_liveness_s)}
         for client in gone:
             log.info("dropped what was held for client %r: it did not come back within "

@@ -10,7 +10,10 @@ either loses finished work:
 - a reply from a daemon slot the broker does not know yet: after a restart,
   slots flush their queued replies before the daemon's control socket has
   registered again. Replies are accepted only from registered slots, so they
-  are held until the registration names the slot, for about a liveness.
+  are held until the registration names the slot, for about a liveness;
+- a reply for a call the broker does not know (it ended while the broker was
+  down, or the daemon sent it again): held until the client's next ping,
+  which lists the ids it still waits for, so no reply reaches it twice.
 
 Pure bookkeeping: no sockets, time is passed in.
 """
@@ -26,6 +29,7 @@ class Held:
     since: float
     frames: list
     size: int
+    tag: object = None  # what the holder needs to decide on it later (a request id)
 
 
 @dataclass
@@ -35,22 +39,26 @@ class Parking:
     lots: OrderedDict = field(default_factory=OrderedDict)
     size: int = 0
 
-    def hold(self, key, frames: list, now: float) -> bool:
+    def hold(self, key, frames: list, now: float, tag=None) -> bool:
         """Keep `frames` for `key`; False when they do not fit the byte budget."""
         size = sum(len(frame) for frame in frames)
         if self.size + size > self.max_bytes:
             return False
-        self.lots.setdefault(key, deque()).append(Held(now, frames, size))
+        self.lots.setdefault(key, deque()).append(Held(now, frames, size, tag))
         self.size += size
         return True
 
-    def release(self, key) -> list[list]:
-        """Every message held for `key`, oldest first, and forget them."""
+    def take(self, key) -> list[Held]:
+        """Everything held for `key`, oldest first, and forget it."""
         lot = self.lots.pop(key, None)
         if not lot:
             return []
         self.size -= sum(held.size for held in lot)
-        return [held.frames for held in lot]
+        return list(lot)
+
+    def release(self, key) -> list[list]:
+        """The frames of every message held for `key`, oldest first, and forget them."""
+        return [held.frames for held in self.take(key)]
 
     def expire(self, now: float, max_age_s: float) -> list[tuple]:
         """(key, frames) of every message held longer than `max_age_s`, forgotten."""
