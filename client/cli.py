@@ -1,6 +1,6 @@
 """The `modelhost` command line: up, setup, install-systemd, logs, keys, ps, top, events,
-call, say, load, unload, pin, unpin, and the model verbs tts, text-to-audio,
-talking-head.
+call, say, transcribe, load, unload, pin, unpin, and the model verbs tts,
+text-to-audio, talking-head.
 
 Client commands need only pyzmq and msgpack (the model verbs numpy, and
 soundfile to write audio; top the rich library). `up`, `setup` and
@@ -660,6 +660,23 @@ def cmd_say(args):
     return 0
 
 
+def cmd_transcribe(args):
+    with open(args.file, "rb") as handle:
+        data = handle.read()
+    options = {"language": args.language} if args.language else {}
+    progress = ProgressLine()
+    with Client(_endpoint(args), timeout=args.timeout) as client:
+        try:
+            result = client.transcribe(data, model=args.model, on_progress=progress, **options)
+        finally:
+            progress.finish()
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        print(result["text"])
+    return 0
+
+
 def _write_audio(args, audio, what):
     audio.write(args.output)
     if args.json:
@@ -860,6 +877,16 @@ def build_parser():
     say.add_argument("--model", default="espeak", help="the TTS daemon (default: espeak)")
     say.add_argument("--timeout", type=float, default=60.0)
     say.set_defaults(handler=cmd_say)
+
+    transcribe = sub.add_parser("transcribe", help="the text spoken in FILE (WAV or FLAC), "
+                                                   "from the speech recognition daemon")
+    client_options(transcribe)
+    transcribe.add_argument("file", metavar="FILE")
+    transcribe.add_argument("--model", default="asr", help="the daemon (default: asr)")
+    transcribe.add_argument("--language", help="a language code the daemon's model speaks "
+                                               "(default: the daemon's)")
+    transcribe.add_argument("--timeout", type=float, default=600.0)
+    transcribe.set_defaults(handler=cmd_transcribe)
 
     tts = sub.add_parser("tts", help="speech for TEXT from CosyVoice2 into an audio file")
     client_options(tts)

@@ -1,10 +1,11 @@
-"""Helpers for the three model daemons: speech, sound and talking heads as plain values.
+"""Helpers for the model daemons: speech, sound, talking heads and transcripts as plain values.
 
     with Client() as client:
         speech = client.tts("Hello there.", voice="narrator")      # Audio, 24 kHz mono
         speech.write("hello.wav")
         sfx = client.text_to_audio("rain on a tin roof", duration=8, seed=7)   # 44.1 kHz stereo
         video = client.talking_head(open("hello.wav", "rb").read())            # mp4 bytes
+        client.transcribe("hello.wav")["text"]                                 # speech to text
 
 Each helper is one call of the daemon's operation (see daemons/<name>/README.md
 for every argument) with the daemon name as a keyword (`model=`), since a host
@@ -23,6 +24,7 @@ from . import protocol
 TTS_MODEL = "cosyvoice"
 TEXT_TO_AUDIO_MODEL = "tangoflux"
 TALKING_HEAD_MODEL = "talkinggaussian"
+ASR_MODEL = "asr"
 
 _NOT_GIVEN = object()
 
@@ -58,6 +60,20 @@ def audio_bytes(value):
             return handle.read()
     raise TypeError("audio must be the bytes of a WAV/FLAC file or a path to one, not {}"
                     .format(type(value).__name__))
+
+
+def _transcribe_arguments(audio, sample_rate, language):
+    """transcribe's arguments: Audio, an array or raw 16-bit PCM bytes need a rate; a file's
+    bytes or a path carry their own."""
+    arguments = _given(sample_rate=sample_rate, language=language)
+    if isinstance(audio, Audio):
+        arguments["audio"] = audio.samples
+        arguments.setdefault("sample_rate", audio.sample_rate)
+    elif type(audio).__name__ == "ndarray":
+        arguments["audio"] = audio
+    else:
+        arguments["audio"] = audio_bytes(audio)
+    return arguments
 
 
 def _audio(result):
@@ -140,6 +156,19 @@ class ModelCalls(object):
         return bytes(result["video"])
 
 
+    def transcribe(self, audio, sample_rate=_NOT_GIVEN, language=_NOT_GIVEN, model=ASR_MODEL,
+                   priority=protocol.Priority.INTERACTIVE, on_progress=None, timeout=_NOT_GIVEN):
+        """The text of `audio`: a WAV/FLAC file's bytes or path, an Audio, a numpy array (with
+        sample_rate) or raw 16-bit mono PCM bytes (with sample_rate).
+
+        Returns the daemon's map: {"text", "language", "duration_s", "segments":
+        [{"start", "end", "text"}], "words": [{"start", "end", "word"}]} (seconds).
+        """
+        return self.call(model, "transcribe", priority=priority, on_progress=on_progress,
+                         arguments=_transcribe_arguments(audio, sample_rate, language),
+                         **_given(timeout=timeout))
+
+
 class AsyncModelCalls(object):
     """The same helpers for AsyncClient: await them (tts_stream: async for)."""
 
@@ -184,3 +213,10 @@ class AsyncModelCalls(object):
                                  arguments={"audio": audio_bytes(audio)},
                                  **_given(timeout=timeout))
         return bytes(result["video"])
+
+    async def transcribe(self, audio, sample_rate=_NOT_GIVEN, language=_NOT_GIVEN,
+                         model=ASR_MODEL, priority=protocol.Priority.INTERACTIVE,
+                         on_progress=None, timeout=_NOT_GIVEN):
+        return await self.call(model, "transcribe", priority=priority, on_progress=on_progress,
+                               arguments=_transcribe_arguments(audio, sample_rate, language),
+                               **_given(timeout=timeout))
