@@ -5,7 +5,7 @@ import os
 import uuid
 
 from . import protocol
-from .errors import RequestLost, error_from_wire
+from .errors import BadMessage, RequestLost, error_from_wire
 
 # How long a client waits for the broker's own timeout reply before it gives
 # up by itself: the broker answers at the deadline, this covers transit.
@@ -53,7 +53,11 @@ def model_op_frames(op, request_id, model, timeout=None, priority=None):
 
 
 def reply_value(header, payloads):
-    return protocol.internalize(header.get("value"), payloads)
+    try:
+        return protocol.internalize(header.get("value"), payloads)
+    except RecursionError as exc:
+        # Deeper than Python can walk: a typed error, like any malformed reply.
+        raise BadMessage("the reply's value is nested too deeply to decode") from exc
 
 
 def raise_for(header):

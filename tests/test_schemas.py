@@ -132,3 +132,13 @@ def test_parking_holds_in_order_within_its_budget_and_expires():
     assert parking.expire(now=2.5, max_age_s=1.0) == []
     assert parking.expire(now=3.5, max_age_s=1.0) == [("b", [b"789"])]
     assert "b" not in parking and parking.size == 0 and parking.oldest() is None
+
+
+def test_a_reply_nested_deeper_than_python_can_walk_is_a_bad_message():
+    from modelhost import _messages
+
+    value = []
+    for _ in range(100000):
+        value = [value]
+    with pytest.raises(BadMessage, match="nested too deeply"):
+        _messages.reply_value({"kind": "result", "value": value}, [])
