@@ -1,6 +1,6 @@
 """The `modelhost` command line: up, setup, install-systemd, logs, keys, ps, top, events,
-call, say, transcribe, load, unload, pin, unpin, and the model verbs tts,
-text-to-audio, talking-head.
+call, say, transcribe, load, unload, pin, unpin, the model verbs tts,
+text-to-audio, talking-head, and the pipeline audio-drama.
 
 Client commands need only pyzmq and msgpack (the model verbs numpy, and
 soundfile to write audio; top the rich library). `up`, `setup` and
@@ -715,6 +715,12 @@ def cmd_text_to_audio(args):
     return _write_audio(args, sound, "audio")
 
 
+def cmd_audio_drama(args):
+    from modelhost.pipelines import drama_cli
+
+    return drama_cli.run(args, _endpoint(args))
+
+
 def cmd_talking_head(args):
     progress = ProgressLine()
     with Client(_endpoint(args), timeout=args.timeout) as client:
@@ -923,6 +929,14 @@ def build_parser():
                       help="the daemon of the subject (default: talkinggaussian)")
     head.add_argument("--timeout", type=float, default=600.0)
     head.set_defaults(handler=cmd_talking_head)
+
+    from modelhost.pipelines import drama_cli  # declares arguments only: no heavy import
+
+    drama = sub.add_parser("audio-drama", help="an audio drama from a JSON script: dialogue, "
+                                               "ambience and effects mixed into one file")
+    client_options(drama)
+    drama_cli.add_arguments(drama)
+    drama.set_defaults(handler=cmd_audio_drama)
     return parser
 
 
