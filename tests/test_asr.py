@@ -1,11 +1,13 @@
-"""Speech recognition (daemons/asr): pocketsphinx for real, faster-whisper against a stand-in.
+"""Speech recognition (daemons/asr): pocketsphinx for real, faster-whisper without weights.
 
 In-process on the host interpreter: the pocketsphinx engine (its wheel is in
 the test extra) transcribes speech made by the espeak engine, which is the
 only speech a test can make here. pocketsphinx is weak on espeak's voice, so
 the tests speak digits, which it hears reliably ("two three four five" at
-every rate tried), and assert on those words. faster-whisper has no weights
-here: its engine runs against tests/standins/faster_whisper.py.
+every rate tried), and assert on those words. No Whisper weights here: the
+faster-whisper engine's logic runs against tests/standins/faster_whisper.py,
+and the real faster-whisper (in a venv of its requirements) on
+tests/data/tiny-whisper, a model of random weights.
 
 End to end: a real `modelhost up` with the espeak and asr daemons, each in
 its own venv on Python 3.12; and the modules the asr daemon imports on the
@@ -712,6 +714,94 @@ def test_whisper_refuses_a_configured_language_the_model_lacks(tmp_path, standin
                                            "valid: en"):
         engine.load()
     assert not engine.loaded
+
+
+# --- faster-whisper itself, on a tiny model of random weights -----------------------------
+
+TINY_WHISPER = ROOT / "tests" / "data" / "tiny-whisper"  # made by tests/data/make_tiny_whisper.py
+
+REAL_WHISPER_SCRIPT = r'''
+import json, os, sys
+import numpy
+from modelhost.daemons.asr.whisper_engine import FasterWhisperEngine
+from modelhost.daemons.engine import CallContext
+from modelhost.errors import BadArguments
+
+model_dir = sys.argv[1]
+assert FasterWhisperEngine.preflight({"model_dir": model_dir}) == []
+sent = []
+ctx = CallContext(1, "t", False, lambda kind, value: sent.append((kind, value)))
+engine = FasterWhisperEngine(model_dir=model_dir, cpu_threads=1, beam_size=1)
+engine.load()
+assert os.environ["HF_HUB_OFFLINE"] == "1"
+facts = engine.describe()
+assert facts["version"] == "1.2.1" and facts["engine"] == "faster-whisper", facts
+rate = 22050
+tone = (0.3 * numpy.sin(2 * numpy.pi * 220 * numpy.arange(3 * rate) / rate)).astype(numpy.float32)
+result = engine.transcribe(ctx, tone, sample_rate=rate)
+assert set(result) == {"text", "language", "duration_s", "segments", "words"}, result
+assert result["duration_s"] == 3.0 and result["language"] == "en"
+assert isinstance(result["text"], str) and result["segments"], result
+for item in result["segments"] + result["words"]:
+    assert 0.0 <= item["start"] <= item["end"] <= 3.0, item
+fractions = [value["fraction"] for kind, value in sent if kind == "progress"]
+assert fractions[0] == 0.0 and fractions[-1] == 1.0 and fractions == sorted(fractions)
+chunks = []
+stream = engine.transcribe_stream(ctx, tone, sample_rate=rate)
+while True:
+    try:
+        chunks.append(next(stream))
+    except StopIteration as stop:
+        streamed = stop.value
+        break
+assert chunks and all(set(chunk) == {"partial"} for chunk in chunks) and streamed["segments"]
+session = engine.stream_start(ctx, rate)
+for start in range(0, len(tone), rate // 2):
+    fed = engine.stream_feed(ctx, session, tone[start:start + rate // 2])
+assert fed["duration_s"] == 3.0
+final = engine.stream_end(ctx, session)
+assert final["duration_s"] == 3.0 and final["segments"]
+try:
+    engine.transcribe(ctx, tone, sample_rate=rate, language="de")  # the tiny model is "en" only
+    raise SystemExit("an unknown language was taken")
+except BadArguments as exc:
+    assert "valid: en" in exc.message
+engine.unload()
+print("ok")
+'''
+
+
+@pytest.fixture(scope="module")
+def whisper_venv():
+    """A venv of requirements-whisper.txt (faster-whisper 1.2.1, CTranslate2) on 3.12,
+    built by modelhost's own setup code and kept in .cache/test-venvs."""
+    from modelhost.broker import envs
+    from modelhost.broker.config import DaemonConfig
+
+    from conftest import VENV_CACHE
+
+    daemon = DaemonConfig(name="whisper", engine="modelhost.daemons.asr.whisper_engine:"
+                                                 "FasterWhisperEngine", python="3.12",
+                          venv=VENV_CACHE / "whisper",
+                          requirements=ROOT / "daemons" / "asr" / "requirements-whisper.txt",
+                          options={"model_dir": str(TINY_WHISPER)})
+    result = envs.setup_daemon(daemon, log=lambda line: None)
+    assert result.action in ("created", "updated", "unchanged"), result.message
+    assert result.cannot == []  # its preflight, in its own venv: nothing missing
+    return VENV_CACHE / "whisper"
+
+
+@pytest.mark.slow
+def test_faster_whisper_itself_runs_a_tiny_model_through_the_engine(whisper_venv):
+    """The real faster-whisper and CTranslate2 load tests/data/tiny-whisper (random weights:
+    the text is noise) and run every operation; a download would fail (no endpoint)."""
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=os.devnull)
+    env.pop("HF_HUB_OFFLINE", None)
+    run = subprocess.run([str(whisper_venv / "bin" / "python"), "-c", REAL_WHISPER_SCRIPT,
+                          str(TINY_WHISPER)], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "ok"
 
 
 # --- Python 3.7: the modules the daemon imports ------------------------------------------

@@ -29,7 +29,7 @@ import sys
 import numpy
 
 from . import audio
-from .base import (AsrEngine, check_bool, check_int, check_number, check_path,
+from .base import (PROGRESS_STEP, AsrEngine, check_bool, check_int, check_number, check_path,
                    session_option_problems, unknown_option_problems)
 
 NAME = "faster-whisper"
@@ -216,16 +216,18 @@ class FasterWhisperEngine(AsrEngine):
         ctx.progress(0.0, "transcribe", "transcribing {:.1f} s of audio".format(duration))
         ctx.check_cancelled()
         segments, info = self._run(samples, language)
-        done = []
+        done, reported = [], 0.0
         for segment in segments:  # a lazy generator: the decoding happens here
             done.append(segment)
             ctx.check_cancelled()
-            if duration > 0:
-                ctx.progress(min(1.0, float(segment.end) / duration), "transcribe")
+            fraction = min(1.0, float(segment.end) / duration) if duration > 0 else 0.0
+            if fraction - reported >= PROGRESS_STEP and fraction < 1.0:
+                reported = fraction
+                ctx.progress(fraction, "transcribe")
             if live:
                 yield _text_of(done)
         ctx.progress(1.0, "transcribe", "done")
-        return _result_of(done, info)
+        return _result_of(done, info, duration)
 
     def _recognizer(self, language, live):
         return _SessionRecognizer(self, language)
@@ -235,14 +237,19 @@ def _text_of(segments):
     return "".join(segment.text for segment in segments).strip()
 
 
-def _result_of(segments, info):
+def _result_of(segments, info, duration):
+    """transcribe's map; times clamped to the audio (Whisper may place a last timestamp
+    past its end)."""
+    def seconds(value):
+        return round(min(max(float(value), 0.0), duration), 3)
+
     words = []
     for segment in segments:
         for word in segment.words or ():
-            words.append({"start": round(float(word.start), 3), "end": round(float(word.end), 3),
+            words.append({"start": seconds(word.start), "end": seconds(word.end),
                           "word": word.word.strip()})
     return {"text": _text_of(segments), "language": getattr(info, "language", None),
-            "segments": [{"start": round(float(s.start), 3), "end": round(float(s.end), 3),
+            "segments": [{"start": seconds(s.start), "end": seconds(s.end),
                           "text": s.text.strip()} for s in segments],
             "words": words}
 
@@ -280,7 +287,7 @@ class _SessionRecognizer(object):
         if not self._samples:
             return {"text": "", "language": self._language, "segments": [], "words": []}
         segments, info = self._engine._run(self._audio(), self._language)
-        return _result_of(list(segments), info)
+        return _result_of(list(segments), info, self._samples / float(audio.TARGET_RATE))
 
     def close(self):
         self._chunks = []
