@@ -64,6 +64,16 @@ def _still_serving(host, broker_pid, daemon_pid):
         b"\x00\xffsame bytes"
 
 
+def _wait_for_event(monitor, event, timeout_s=20.0):
+    from zmq.utils.monitor import recv_monitor_message
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if monitor.poll(100) and recv_monitor_message(monitor)["event"] == event:
+            return
+    raise AssertionError("no socket event {} within {}s".format(event, timeout_s))
+
+
 def _pids(host):
     status = host.ps()
     return status["broker"]["pid"], host.daemon("probe")["pid"]
@@ -256,11 +266,14 @@ def test_a_broker_restart_with_a_hostile_message_queued_still_serves(host):
     old_pid, daemon_pid = _pids(host)
     supervisor = psutil.Process(host.process.pid)
     fake = _socket(_backend(host), b"ghost:1:control")
+    monitor = fake.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+    _wait_for_event(monitor, zmq.EVENT_CONNECTED)
     supervisor.send_signal(signal.SIGSTOP)
     try:
         psutil.Process(old_pid).kill()
-        while pid_alive(old_pid):
-            time.sleep(0.02)
+        # Queued only once ZeroMQ knows the connection is gone: a message written
+        # into the dying connection would be lost, and the test would prove nothing.
+        _wait_for_event(monitor, zmq.EVENT_DISCONNECTED)
         _send(fake, {"op": "register", "name": "probe", "pid": 1, "state": ["ready"]})
     finally:
         supervisor.send_signal(signal.SIGCONT)
