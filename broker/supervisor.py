@@ -14,7 +14,11 @@
   <name>.log.1 past LOG_MAX_BYTES;
 - the supervisor tells the broker what it knows of the processes (pid,
   restarts, start failures) and learns from the broker which daemons are
-  ready, over an ordinary client connection.
+  ready, over an ordinary client connection;
+- with a `gateway:` section, the OpenAI-compatible gateway is a child too
+  (`python -m modelhost.gateway`), a client of the broker like any other: it
+  is ready once it has written its address file, and one that cannot start
+  at all (a taken port, a missing extra) is not restarted in a loop.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ import zmq
 from modelhost import protocol
 from modelhost.errors import ModelhostError
 
-from .config import Config, DaemonConfig, RestartPolicy, daemon_spec, interpreter_for
+from .config import (Config, DaemonConfig, RestartPolicy, daemon_spec, gateway_spec,
+                     interpreter_for)
 from .curve import secure_link
 from .envs import FINGERPRINT_FILE
 
@@ -46,7 +51,9 @@ log = logging.getLogger("modelhost.supervisor")
 
 TICK_S = 0.25
 BROKER = "broker"
-# The broker's exit status when it cannot start at all (python -m modelhost.broker).
+GATEWAY = "gateway"
+# The broker's exit status when it cannot start at all (python -m modelhost.broker);
+# the gateway's too (python -m modelhost.gateway).
 EXIT_CANNOT_START = 2
 # A child's log file moves to <name>.log.1 (replacing the older one) rather
 # than grow past this, so two files bound what a child keeps on disk.
@@ -229,6 +236,14 @@ class Supervisor:
             dict(os.environ, MODELHOST_SUPERVISOR_TOKEN=self.token),
             RestartPolicy(backoff_s=0.5, max_backoff_s=10.0),
             ready_timeout_s=30.0, stop_timeout_s=5.0)
+        # The children that are not daemons: never reported to the broker as daemons,
+        # never held down for memory. (A daemon may be named "gateway" when there is no
+        # gateway section; the configuration refuses the name when there is one.)
+        self.helpers = {BROKER}
+        self.gateway_address = runtime / "gateway-address.json"
+        if config.gateway is not None:
+            self.children[GATEWAY] = self._gateway_child()
+            self.helpers.add(GATEWAY)
         for name, daemon in config.daemons.items():
             if daemon.autostart:
                 child = self.children[name] = self._daemon_child(daemon)
@@ -252,11 +267,47 @@ class Supervisor:
                       "--spec", str(spec_path)],
                      env, daemon.restart, daemon.ready_timeout_s, daemon.stop_timeout_s)
 
+    def _gateway_child(self) -> Child:
+        runtime = self.config.broker.runtime_dir
+        spec = gateway_spec(self.config, address_file=str(self.gateway_address),
+                            parent_pid=os.getpid())
+        spec_path = runtime / "gateway.json"
+        # Owner-only: the spec holds the API keys.
+        fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(spec, indent=2))
+        return Child(GATEWAY, [sys.executable, "-m", "modelhost.gateway", "--spec", str(spec_path)],
+                     dict(os.environ, PYTHONUNBUFFERED="1"),
+                     RestartPolicy(backoff_s=1.0, max_backoff_s=30.0),
+                     ready_timeout_s=30.0, stop_timeout_s=5.0)
+
+    def _note_gateway(self) -> None:
+        """A starting gateway is ready once its address file names its pid."""
+        child = self.children.get(GATEWAY)
+        if GATEWAY not in self.helpers or child is None or child.process is None \
+                or child.status is not ProcessStatus.STARTING:
+            return
+        try:
+            address = json.loads(self.gateway_address.read_text())
+        except (OSError, ValueError):
+            return
+        if address.get("pid") == child.process.pid:
+            child.status = ProcessStatus.RUNNING
+            child.ever_ready = True
+            child.error = None
+            log.info("daemon=%s ready after %.1fs: OpenAI-compatible API at %s/v1", GATEWAY,
+                     time.monotonic() - child.started_at, address.get("url"))
+
     # --- processes ----------------------------------------------------------
 
     def start(self, child: Child) -> None:
         if child.setup_error is not None:
             return  # every way to start a child comes here: it stays failed, with no process
+        if child.name == GATEWAY and GATEWAY in self.helpers:
+            try:
+                self.gateway_address.unlink()  # a stale one would say "ready" too early
+            except OSError:
+                pass
         child.exited_pid = None
         try:
             child.process = subprocess.Popen(
@@ -326,6 +377,14 @@ class Supervisor:
             self.stopping = True
             self.exit_code = EXIT_CANNOT_START
             return
+        if child.name == GATEWAY and GATEWAY in self.helpers and code == EXIT_CANNOT_START:
+            # A taken port or a missing extra: the broker and the daemons serve on.
+            child.error = "cannot start: {}".format("\n".join(list(child.tail)[-5:]) or how)
+            child.status = ProcessStatus.FAILED
+            child.next_start_at = math.inf
+            log.error("daemon=%s cannot start (see above); not restarted: fix it, then restart "
+                      "`modelhost up`", GATEWAY)
+            return
         if not child.ever_ready:
             child.error = "{} before it became ready; its last output:\n{}".format(
                 how, "\n".join(list(child.tail)[-15:]) or "(none)")
@@ -388,7 +447,7 @@ class Supervisor:
         if now - self.link_sent_at >= 0.5:
             self.link_seq += 1
             processes = {name: child.report() for name, child in self.children.items()
-                         if name != BROKER}
+                         if name not in self.helpers}
             try:
                 self.link.send_multipart(protocol.encode(
                     {"op": protocol.SUPERVISOR, "id": self.link_seq, "processes": processes,
@@ -402,7 +461,7 @@ class Supervisor:
         """Stop the daemons the broker stopped to free memory; start them when it wants them."""
         now = time.monotonic()
         for name, child in self.children.items():
-            if name == BROKER or child.setup_error is not None:
+            if name in self.helpers or child.setup_error is not None:
                 continue  # a daemon never started stays `failed`, not `stopped`
             if name in wanted_stopped and not child.held_down:
                 child.held_down = True
@@ -422,7 +481,7 @@ class Supervisor:
     def _note_readiness(self) -> None:
         for name, row in self.states.items():
             child = self.children.get(name)
-            if child is None:
+            if child is None or name in self.helpers:
                 continue
             # Ready: registered, and past the load the broker ordered when
             # it came up (if it had room for one); a hung first load is
@@ -450,10 +509,12 @@ class Supervisor:
                         log.info("daemon=%s ready after %.1fs", name,
                                  time.monotonic() - child.started_at)
         # A daemon whose venv setup failed never starts: it does not hold up the rest.
-        daemons = [c for n, c in self.children.items() if n != BROKER and c.setup_error is None]
+        daemons = [c for n, c in self.children.items()
+                   if n not in self.helpers and c.setup_error is None]
         if not self.announced_up and all(c.status is ProcessStatus.RUNNING for c in daemons):
             self.announced_up = True
-            broken = [n for n, c in self.children.items() if c.setup_error is not None]
+            broken = [n for n, c in self.children.items()
+                      if n not in self.helpers and c.setup_error is not None]
             log.info("modelhost is up: %d daemons (%s)%s; clients connect at %s", len(daemons),
                      ", ".join(c.name for c in daemons) or "none",
                      "; not started, their setup failed: " + ", ".join(broken) if broken else "",
@@ -481,6 +542,7 @@ class Supervisor:
                           "last output:\n%s", child.name, child.ready_timeout_s,
                           "\n".join(list(child.tail)[-15:]) or "(none)")
                 self._kill_group(child, signal.SIGKILL)
+        self._note_gateway()
         self._talk_to_broker()
 
     def run(self) -> int:

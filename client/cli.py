@@ -1,4 +1,4 @@
-"""The `modelhost` command line: up, setup, install-systemd, logs, keys, ps, top, events,
+"""The `modelhost` command line: up, gateway, setup, install-systemd, logs, keys, ps, top, events,
 call, say, transcribe, load, unload, pin, unpin, the model verbs tts,
 text-to-audio, talking-head, and the pipeline audio-drama.
 
@@ -139,6 +139,23 @@ def cmd_up(args):
     print("modelhost: starting {} daemons from {}; Ctrl-C stops everything".format(
         len(config.daemons), config.path), file=sys.stderr)
     return Supervisor(config, setup_failed=setup_failed).run()
+
+
+def cmd_gateway(args):
+    """The OpenAI-compatible gateway in the foreground, for the broker of the configuration."""
+    from modelhost.broker.config import ConfigError, gateway_spec
+
+    config = _load_config_or_exit(args.config)
+    try:
+        spec = gateway_spec(config, listen=args.listen)
+    except ConfigError as exc:
+        print("modelhost: {}".format(exc), file=sys.stderr)
+        return EXIT_USAGE
+    if args.endpoint:
+        spec["endpoint"] = args.endpoint
+    from modelhost.gateway import serve
+
+    return serve(spec)
 
 
 def cmd_logs(args):
@@ -772,6 +789,22 @@ def build_parser():
     setup.add_argument("--config", help="configuration file (default: the embedded default)")
     setup.add_argument("--force", action="store_true", help="recreate even if up to date")
     setup.set_defaults(handler=cmd_setup)
+
+    gateway = sub.add_parser(
+        "gateway", help="serve the OpenAI-compatible HTTP API (speech, transcriptions, models) "
+        "in the foreground, as a client of the broker",
+        description="An OpenAI-compatible HTTP gateway: /v1/audio/speech, "
+                    "/v1/audio/transcriptions, /v1/models, /v1/audio/voices. Settings come "
+                    "from the configuration's gateway section (or its defaults: "
+                    "127.0.0.1:8000, tts-1 -> espeak, whisper-1 -> asr). Needs the gateway "
+                    "extra: pip install 'modelhost[gateway]'.")
+    gateway.add_argument("--config", help="configuration file (default: the embedded default)")
+    gateway.add_argument("--listen", metavar="HOST:PORT",
+                         help="where to listen instead of gateway.listen; beyond loopback "
+                              "only with API keys in the configuration")
+    gateway.add_argument("--endpoint", help="the broker's client endpoint (default: the "
+                         "configuration's)")
+    gateway.set_defaults(handler=cmd_gateway)
 
     logs = sub.add_parser("logs", help="a daemon's (or the broker's) recent output under "
                                        "`modelhost up`")
