@@ -465,7 +465,9 @@ class _Parser:
         if root is None:
             self.error(1, "", "the configuration is empty; expected a mapping with a 'daemons' section")
             self._raise()
-        top = self.mapping(root, "", ("broker", "daemons", "gateway"))
+        # `chat:` is the chat loop's section (modelhost.pipelines.chat, `modelhost chat
+        # --config F`): a client's settings, checked by the chat itself, never read here.
+        top = self.mapping(root, "", ("broker", "daemons", "gateway", "chat"))
         if top is None:
             self._raise()
 

@@ -738,6 +738,12 @@ def cmd_audio_drama(args):
     return drama_cli.run(args, _endpoint(args))
 
 
+def cmd_chat(args):
+    from modelhost.pipelines import chat_cli
+
+    return chat_cli.run(args, _endpoint)
+
+
 def cmd_talking_head(args):
     progress = ProgressLine()
     with Client(_endpoint(args), timeout=args.timeout) as client:
@@ -970,6 +976,14 @@ def build_parser():
     client_options(drama)
     drama_cli.add_arguments(drama)
     drama.set_defaults(handler=cmd_audio_drama)
+
+    from modelhost.pipelines import chat_cli  # declares arguments only: no heavy import
+
+    chat = sub.add_parser("chat", help="a voice chat: speech or text in, a language model's "
+                                       "reply spoken (and a talking head) out, streamed")
+    client_options(chat)
+    chat_cli.add_arguments(chat)
+    chat.set_defaults(handler=cmd_chat)
     return parser
 
 

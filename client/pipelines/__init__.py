@@ -7,6 +7,11 @@
 - `modelhost.pipelines.script`: the drama's script format and its checks.
 - `modelhost.pipelines.mixing`: the mixing functions (loudness, ducking,
   fades, loops, a true-peak limiter) on numpy arrays.
+- `modelhost.pipelines.chat`: the voice chat loop (speech recognition ->
+  language model -> text-to-speech -> talking head, streamed end to end,
+  interruptible); `modelhost chat` (`modelhost.pipelines.chat_cli`), with
+  `sentences` (the streaming sentence splitter), `llm` (the OpenAI-compatible
+  language model) and `chat_io` (sinks, playback, microphone, voice activity).
 
 Needs the `pipelines` extra (numpy, soundfile, soxr, pyloudnorm). The names
 below are imported when first used, so `import modelhost.pipelines` (and the
@@ -19,6 +24,8 @@ _EXPORTS = {
     "DramaEvent": "drama", "DramaOptions": "drama", "DramaResult": "drama",
     "Failure": "drama", "render_drama": "drama",
     "Script": "script", "ScriptError": "script", "load_script": "script",
+    "AsyncChat": "chat", "Chat": "chat", "ChatConfig": "chat", "TurnResult": "chat",
+    "SentenceSplitter": "sentences",
 }
 
 __all__ = sorted(_EXPORTS)
