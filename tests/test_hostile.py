@@ -32,13 +32,16 @@ def host(make_host):
     return host
 
 
-def _socket(endpoint, identity=None):
+def _socket(endpoint, identity=None, monitor_events=None):
+    """A raw DEALER; with `monitor_events`, also its monitor, attached before
+    connecting so that not even the first CONNECTED can be missed."""
     socket = zmq.Context.instance().socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     if identity is not None:
         socket.setsockopt(zmq.ROUTING_ID, identity)
+    monitor = socket.get_monitor_socket(monitor_events) if monitor_events else None
     socket.connect(endpoint)
-    return socket
+    return (socket, monitor) if monitor_events else socket
 
 
 def _send(socket, header, *payloads):
@@ -265,8 +268,8 @@ def test_a_broker_restart_with_a_hostile_message_queued_still_serves(host):
     crashed every broker that came up to read it."""
     old_pid, daemon_pid = _pids(host)
     supervisor = psutil.Process(host.process.pid)
-    fake = _socket(_backend(host), b"ghost:1:control")
-    monitor = fake.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+    fake, monitor = _socket(_backend(host), b"ghost:1:control",
+                            monitor_events=zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
     _wait_for_event(monitor, zmq.EVENT_CONNECTED)
     supervisor.send_signal(signal.SIGSTOP)
     try:
