@@ -39,6 +39,7 @@ from modelhost.daemons.espeak.engine import EspeakEngine
 from modelhost.errors import BadArguments, Cancelled
 
 from conftest import ROOT, TEST_STATE, Host, drain
+from fakes import FakeClock
 from standins import faster_whisper as whisper_standin
 
 DIGITS = "two three four five six"
@@ -365,14 +366,6 @@ def test_audio_longer_than_max_audio_s():
         assert engine.stream_end(make_ctx(), session)["duration_s"] == 0.75
     finally:
         engine.unload()
-
-
-class FakeClock(object):
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
 
 
 def test_sessions_are_bounded_in_count_and_idle_time():

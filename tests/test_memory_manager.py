@@ -23,18 +23,12 @@ from modelhost.broker.scheduler import (
 )
 from modelhost.protocol import DaemonState, Priority, Tier
 
+from fakes import FakeClock
+
 MiB = 2**20
 CLIENT = b"client"
 STATES = {Tier.RESIDENT: DaemonState.READY, Tier.OFFLOADED: DaemonState.OFFLOADED,
           Tier.UNLOADED: DaemonState.UNLOADED}
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
 
 
 class World:
@@ -42,7 +36,7 @@ class World:
 
     def __init__(self, daemons, budget_mib=1000, total_mib=100000, aging_s=30.0,
                  max_skips=4, window_s=60.0, supervised=True):
-        self.clock = Clock()
+        self.clock = FakeClock()
         self.budget = budget_mib * MiB
         self.total = total_mib * MiB
         limit = DeviceLimit(threshold_fraction=None, threshold_bytes=self.budget,
