@@ -24,11 +24,11 @@ import zmq
 
 from modelhost import protocol
 from modelhost.protocol import DaemonState
-from modelhost.errors import ModelhostError
+from modelhost.errors import BadMessage, Cancelled, InternalError, ModelhostError, UnknownModel
 
 from .config import Config
 from .curve import Curve
-from .events import EventLog
+from .events import OK, EventLog
 from .footprints import STATE_FILE, FootprintStore, fingerprint
 from .memory import MemoryProbe, choose_probe
 from .parking import Parking
@@ -40,6 +40,11 @@ log = logging.getLogger("modelhost.broker")
 
 # Terminal replies of unknown calls that were delivered, remembered to drop copies.
 DELIVERED_REMEMBERED = 4096
+
+
+def error_reply(request_id, error: ModelhostError) -> dict:
+    """The header of the error reply that carries `error` (its code, message and details)."""
+    return protocol.error_header(request_id, error.code, error.message, error.details)
 
 
 def prepare_ipc(endpoint: str) -> None:
@@ -235,17 +240,18 @@ class Broker:
     def reply_result(self, request: Request, value) -> None:
         self._to_client(request.client, {"kind": protocol.RESULT, "id": request.id,
                                          "value": value})
-        self._ended(request, "ok")
+        self._ended(request, OK)
 
-    def reply_error(self, request: Request, code: str, message: str) -> None:
-        log.info("daemon=%s rid=%s error %s: %s", request.model, request.id, code, message)
-        self._to_client(request.client, protocol.error_header(request.id, code, message))
-        self._ended(request, code, message)
+    def reply_error(self, request: Request, error: ModelhostError) -> None:
+        log.info("daemon=%s rid=%s error %s: %s", request.model, request.id, error.code,
+                 error.message)
+        self._to_client(request.client, error_reply(request.id, error))
+        self._ended(request, error.code, error.message)
 
     def reply_cancelled(self, request: Request, message: str) -> None:
         self._to_client(request.client, {"kind": protocol.CANCELLED, "id": request.id,
                                          "message": message})
-        self._ended(request, "cancelled")
+        self._ended(request, Cancelled.code)
 
     def event(self, kind: str, daemon: str | None, **fields) -> None:
         self.events.emit(kind, daemon, **fields)
@@ -333,9 +339,9 @@ class Broker:
             header, payloads = protocol.decode(frames)
             protocol.check_request(header)
         except ModelhostError as exc:
-            # Malformed: answered, and nothing of it reaches the scheduler.
-            self._to_client(client, protocol.error_header(exc.details.get("id"), exc.code,
-                                                          exc.message))
+            # Malformed: answered, and nothing of it reaches the scheduler. The
+            # request id travels in the details only so far: the reply names it.
+            self._to_client(client, error_reply(exc.details.pop("id", None), exc))
             return
         self.scheduler.on_client_seen(client)
         # The client is (back) on the line: what was kept for it goes first.
@@ -348,9 +354,8 @@ class Broker:
             # A bug, not bad input (that was refused above): the request still
             # gets its one terminal reply, and the loop goes on.
             log.exception("internal error while handling a client %s; answered `internal`", op)
-            self._to_client(client, protocol.error_header(
-                header.get("id"), "internal", "the broker failed on this {} (a bug; its log "
-                "has the details)".format(op)))
+            self._to_client(client, error_reply(header.get("id"), InternalError(
+                "the broker failed on this {} (a bug; its log has the details)".format(op))))
 
     def _on_request(self, client: bytes, op: str, header: dict, payloads: list) -> None:
         request_id = header["id"]
@@ -376,9 +381,9 @@ class Broker:
         elif op in (protocol.PIN, protocol.UNPIN):
             name = header["model"]
             if name not in self.scheduler.daemons:
-                self._to_client(client, protocol.error_header(
-                    request_id, "unknown_model", "no model named {!r}; this broker serves: {}"
-                    .format(name, ", ".join(self.scheduler.daemons) or "none")))
+                self._to_client(client, error_reply(request_id, UnknownModel(
+                    "no model named {!r}; this broker serves: {}".format(
+                        name, ", ".join(self.scheduler.daemons) or "none"))))
                 return
             self.scheduler.set_pinned(name, op == protocol.PIN)
             self.store.pins[name] = op == protocol.PIN
@@ -391,9 +396,9 @@ class Broker:
                     header["token"], self.supervisor_token):
                 log.warning("refused a supervisor report from a client that is not this "
                             "broker's supervisor")
-                self._to_client(client, protocol.error_header(
-                    request_id, "bad_message", "supervisor reports come only from the "
-                    "supervisor that started this broker (`modelhost up`)"))
+                self._to_client(client, error_reply(request_id, BadMessage(
+                    "supervisor reports come only from the supervisor that started this "
+                    "broker (`modelhost up`)")))
                 return
             self.scheduler.on_supervisor_report(header["processes"])
             self._to_client(client, {"kind": protocol.RESULT, "id": request_id,
@@ -472,8 +477,9 @@ class Broker:
             return
         if self.scheduler.on_reply(request.model, request.client, request.id, True, None,
                                    identity):
-            self.reply_error(request, "internal", "daemon {} sent a malformed reply; its "
-                             "log and the broker's have the details".format(request.model))
+            self.reply_error(request, InternalError(
+                "daemon {} sent a malformed reply; its log and the broker's have the details"
+                .format(request.model)))
 
     def _on_daemon_message(self, identity: bytes, name: str | None, header: dict) -> None:
         op = header["op"]
@@ -507,9 +513,9 @@ class Broker:
             # with a new pid after the old one's pidfd said it exited.
             log.error("daemon=%s refused a registration from pid %s (%r): pid %s is alive and "
                       "registered under that name", name, header["pid"], identity, holder.pid)
-            self._to_daemon(identity, protocol.error_header(
-                None, "bad_message", "daemon {} is registered by pid {}, which is alive; stop "
-                "it first, or give this daemon another name".format(name, holder.pid)))
+            self._to_daemon(identity, error_reply(None, BadMessage(
+                "daemon {} is registered by pid {}, which is alive; stop it first, or give "
+                "this daemon another name".format(name, holder.pid))))
             return
         daemon = self.scheduler.on_daemon_registered(name, identity, header)
         if daemon is None:
@@ -578,9 +584,9 @@ class Broker:
             if terminal:
                 kind = header["kind"]
                 if kind == protocol.RESULT:
-                    self._ended(request, "ok")
+                    self._ended(request, OK)
                 elif kind == protocol.CANCELLED:
-                    self._ended(request, "cancelled")
+                    self._ended(request, Cancelled.code)
                 else:
                     self._ended(request, header["code"], header.get("message") or "")
 

@@ -24,6 +24,13 @@ from modelhost.protocol import EVENT_KINDS as KINDS
 
 log = logging.getLogger("modelhost.broker")
 LEVELS = ("info", "warning", "error")
+# The `outcome` of a `request` event answered with a result; an error's outcome is
+# its code, a cancelled request's the code of modelhost.errors.Cancelled.
+OK = "ok"
+# Codes of `error` events about a daemon rather than a request; the others are the
+# wire codes of modelhost.errors.
+LOAD_FAILED = "load_failed"
+START_FAILED = "start_failed"
 
 
 class EventLog:

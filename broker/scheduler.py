@@ -31,9 +31,14 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from modelhost.errors import (
+    BadArguments, BadMessage, DaemonCrashed, DaemonUnavailable, InsufficientMemory,
+    ModelhostError, OverCapacity, PayloadTooLarge, Timeout, UnknownMethod, UnknownModel,
+)
 from modelhost.protocol import DaemonState, Priority, Tier
 
 from .accounting import MemoryBook
+from .events import LOAD_FAILED, START_FAILED
 from .footprints import Footprint
 from .memory import DeviceMemory, MemoryReading, format_bytes
 from .placement import DEPTH, Candidate, plan_room
@@ -212,7 +217,8 @@ class Effects(Protocol):
     # False when the request's slot is not connected (yet): it is queued again.
     def dispatch(self, daemon: Daemon, request: Request) -> bool | None: ...
     def cancel_remote(self, daemon: Daemon, request: Request) -> None: ...
-    def reply_error(self, request: Request, code: str, message: str) -> None: ...
+    # The broker puts the error's code and message on the wire.
+    def reply_error(self, request: Request, error: ModelhostError) -> None: ...
     def reply_cancelled(self, request: Request, message: str) -> None: ...
     def reply_result(self, request: Request, value: Any) -> None: ...
     # Memory tiers: a command to the daemon, or (stopped) to its supervisor.
@@ -266,14 +272,14 @@ class Scheduler:
     def on_call(self, request: Request) -> None:
         daemon = self.daemons.get(request.model)
         if request.key in self.requests:
-            self.effects.reply_error(request, "bad_message", "request id {!r} is already in "
-                                     "use by this client; use a new id per request"
-                                     .format(request.id))
+            self.effects.reply_error(request, BadMessage(
+                "request id {!r} is already in use by this client; use a new id per request"
+                .format(request.id)))
             return
         if daemon is None:
-            self.effects.reply_error(request, "unknown_model", "no model named {!r}; this "
-                                     "broker serves: {}".format(request.model,
-                                                                ", ".join(self.daemons) or "none"))
+            self.effects.reply_error(request, UnknownModel(
+                "no model named {!r}; this broker serves: {}".format(
+                    request.model, ", ".join(self.daemons) or "none")))
             return
         is_call = request.action == Action.CALL
         # A failed daemon still takes a load (it retries); a stopped one that
@@ -283,30 +289,29 @@ class Scheduler:
         if daemon.identity is None and daemon.process.get("final"):
             unavailable = (DaemonState.FAILED,) + unavailable  # no process will ever come
         if daemon.state in unavailable and not daemon.want_stopped:
-            self.effects.reply_error(request, "daemon_unavailable", "daemon {} is {}: {}"
-                                     .format(daemon.name, daemon.state,
-                                             daemon.error or "see `modelhost ps`"))
+            self.effects.reply_error(request, DaemonUnavailable("daemon {} is {}: {}".format(
+                daemon.name, daemon.state, daemon.error or "see `modelhost ps`")))
             return
         if is_call and daemon.methods is not None and request.method not in daemon.methods:
-            self.effects.reply_error(request, "unknown_method", "{} has no method {!r}; it "
-                                     "offers: {}".format(daemon.name, request.method,
-                                                         ", ".join(daemon.methods)))
+            self.effects.reply_error(request, UnknownMethod(
+                "{} has no method {!r}; it offers: {}".format(
+                    daemon.name, request.method, ", ".join(daemon.methods))))
             return
         if request.payload_bytes > daemon.limits.max_payload_bytes:
-            self.effects.reply_error(request, "payload_too_large", "the request carries {} "
-                                     "bytes of payload; {} accepts at most {} (max_payload in "
-                                     "its config)".format(request.payload_bytes, daemon.name,
-                                                          daemon.limits.max_payload_bytes))
+            self.effects.reply_error(request, PayloadTooLarge(
+                "the request carries {} bytes of payload; {} accepts at most {} (max_payload "
+                "in its config)".format(request.payload_bytes, daemon.name,
+                                        daemon.limits.max_payload_bytes)))
             return
         if daemon.queued() >= daemon.limits.max_queue:
-            self.effects.reply_error(request, "over_capacity", "{} already has {} calls "
-                                     "queued (max_queue); retry later or raise max_queue"
-                                     .format(daemon.name, daemon.queued()))
+            self.effects.reply_error(request, OverCapacity(
+                "{} already has {} calls queued (max_queue); retry later or raise max_queue"
+                .format(daemon.name, daemon.queued())))
             return
         if request.action == Action.UNLOAD and daemon.pinned:
-            self.effects.reply_error(request, "bad_arguments", "{} is pinned, so it stays "
-                                     "loaded; unpin it first (modelhost unpin {})".format(
-                                         daemon.name, daemon.name))
+            self.effects.reply_error(request, BadArguments(
+                "{} is pinned, so it stays loaded; unpin it first (modelhost unpin {})".format(
+                    daemon.name, daemon.name)))
             return
         # A call that can start right away fits; one that will wait learns
         # now, not at the head of the queue, that it never could.
@@ -314,8 +319,8 @@ class Scheduler:
                       and len(daemon.running) < daemon.limits.concurrency)
         if request.action != Action.UNLOAD and not starts_now:
             never = self._never_fits(daemon, request)
-            if never:
-                self.effects.reply_error(request, "insufficient_memory", never)
+            if never is not None:
+                self.effects.reply_error(request, never)
                 return
         request.enqueued_at = self.clock()
         self._arrivals += 1
@@ -421,10 +426,10 @@ class Scheduler:
         if daemon.state not in TRANSITIONAL and daemon.target is not None:
             self._arrived(daemon, daemon.target, update)
         if daemon.state == DaemonState.FAILED:
-            self.effects.event("error", name, level="error", rid=None, code="load_failed",
+            self.effects.event("error", name, level="error", rid=None, code=LOAD_FAILED,
                                message=str(daemon.error))
-            self._fail_queued(daemon, "daemon_unavailable", "daemon {} failed: {}".format(
-                name, daemon.error))
+            self._fail_queued(daemon, DaemonUnavailable("daemon {} failed: {}".format(
+                name, daemon.error)))
         self._pump()
         self._note_ready(daemon)
 
@@ -484,7 +489,7 @@ class Scheduler:
             self._pump()
             return
         log.warning("daemon=%s lost: %s", name, reason)
-        self.effects.event("error", name, level="error", rid=None, code="daemon_crashed",
+        self.effects.event("error", name, level="error", rid=None, code=DaemonCrashed.code,
                            message="lost: " + reason)
         daemon.target = None
         daemon.state = DaemonState.CRASHED
@@ -516,14 +521,14 @@ class Scheduler:
             if status == "failed":
                 if daemon.state != DaemonState.FAILED:
                     self.effects.event("error", name, level="error", rid=None,
-                                       code="start_failed", message=str(process.get("error")))
+                                       code=START_FAILED, message=str(process.get("error")))
                 daemon.state = DaemonState.FAILED
                 daemon.error = process.get("error")
-                self._fail_queued(daemon, "daemon_unavailable", "daemon {} failed to start: {}"
-                                  .format(name, daemon.error))
+                self._fail_queued(daemon, DaemonUnavailable(
+                    "daemon {} failed to start: {}".format(name, daemon.error)))
             elif status == "stopped" and daemon.target != Tier.RESIDENT:
                 daemon.state = DaemonState.STOPPED
-                self._fail_queued(daemon, "daemon_unavailable", "daemon {} is stopped".format(name))
+                self._fail_queued(daemon, DaemonUnavailable("daemon {} is stopped".format(name)))
             elif status == "backoff":
                 daemon.state = DaemonState.CRASHED
             elif status in ("running", "starting", "pending") and daemon.state in (
@@ -658,7 +663,7 @@ class Scheduler:
         peak = daemon.footprint.peak(request.method) if request.action == Action.CALL else 0
         return daemon.footprint.at(Tier.RESIDENT), peak
 
-    def _never_fits(self, daemon: Daemon, request: Request) -> str | None:
+    def _never_fits(self, daemon: Daemon, request: Request) -> InsufficientMemory | None:
         """Why the request could not run even with every other daemon evicted, or None."""
         device = self.book.device(daemon)
         limit = self.book.limit(None if device is None else device.id)
@@ -687,8 +692,9 @@ class Scheduler:
         if held_by_pinned:
             parts.append("and {} by pinned daemons ({})".format(
                 format_bytes(held_by_pinned), ", ".join(d.name for d in pinned)))
-        return ", ".join(parts) + ": it can never fit. Raise memory.threshold, unpin a " \
-            "daemon, or lower the daemon's footprint."
+        return InsufficientMemory(", ".join(parts) + ": it can never fit. Raise "
+                                  "memory.threshold, unpin a daemon, or lower the daemon's "
+                                  "footprint.")
 
     def _rank(self, daemon: Daemon, now: float) -> int:
         """The most urgent priority class the daemon serves lately (0 = interactive)."""
@@ -818,8 +824,8 @@ class Scheduler:
         waiters, daemon.unload_waiters = daemon.unload_waiters, []
         for request in waiters:
             self.requests.pop(request.key, None)
-            self.effects.reply_error(request, "daemon_crashed", "daemon {} was lost while "
-                                     "unloading: {}".format(daemon.name, reason))
+            self.effects.reply_error(request, DaemonCrashed(
+                "daemon {} was lost while unloading: {}".format(daemon.name, reason)))
 
     def _call_ended(self, daemon: Daemon, request: Request, mem: dict | None) -> None:
         """Learn the call's peak: the probe's samples, and the daemon's own high-water mark."""
@@ -964,10 +970,10 @@ class Scheduler:
                     if request.action == Action.CALL else "load"), _cause(request))
                 return WAITING_MEMORY
         never = self._never_fits(daemon, request)
-        if never:
+        if never is not None:
             self._pop(daemon, request)
             self.requests.pop(request.key, None)
-            self.effects.reply_error(request, "insufficient_memory", never)
+            self.effects.reply_error(request, never)
             return ANSWERED
         if not may_plan:
             return WAITING_MEMORY
@@ -1092,31 +1098,29 @@ class Scheduler:
             "call" if request.action == Action.CALL else request.action)
         if request.state is RequestState.QUEUED:
             self._unqueue(daemon, request)
-            self.effects.reply_error(request, "timeout", message + " (it was still queued; "
-                                     "{} is {}, {} running and {} queued)".format(
-                                         daemon.name, daemon.state, len(daemon.running),
-                                         daemon.queued()))
+            self.effects.reply_error(request, Timeout(
+                message + " (it was still queued; {} is {}, {} running and {} queued)".format(
+                    daemon.name, daemon.state, len(daemon.running), daemon.queued())))
             return
         request.state = RequestState.ANSWERED
-        self.effects.reply_error(request, "timeout", message + "; the daemon was told to "
-                                 "stop it")
+        self.effects.reply_error(request, Timeout(message + "; the daemon was told to stop it"))
         self.effects.cancel_remote(daemon, request)
 
     def _fail_running(self, daemon: Daemon, message: str) -> None:
         for request in list(daemon.running.values()):
             if request.state is RequestState.RUNNING:
-                self.effects.reply_error(request, "daemon_crashed", message)
+                self.effects.reply_error(request, DaemonCrashed(message))
             self._finish(request)
             self._abandoned[request.key] = None
             while len(self._abandoned) > ABANDONED_REMEMBERED:
                 self._abandoned.popitem(last=False)
 
-    def _fail_queued(self, daemon: Daemon, code: str, message: str) -> None:
+    def _fail_queued(self, daemon: Daemon, error: ModelhostError) -> None:
         for queue in daemon.queues.values():
             while queue:
                 request = queue.popleft()
                 self.requests.pop(request.key, None)
-                self.effects.reply_error(request, code, message)
+                self.effects.reply_error(request, error)
 
     def _drop_client(self, client: bytes) -> None:
         del self.clients[client]

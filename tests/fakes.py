@@ -42,9 +42,9 @@ class RecordingEffects(object):
     def cancel_remote(self, daemon, request):
         self.effects.append(("cancel_remote", daemon.name, request.id))
 
-    def reply_error(self, request, code, message):
-        self.effects.append(("reply_error", request.id, code))
-        self.messages[request.id] = message
+    def reply_error(self, request, error):
+        self.effects.append(("reply_error", request.id, error.code))
+        self.messages[request.id] = error.message
 
     def reply_cancelled(self, request, message):
         self.effects.append(("reply_cancelled", request.id))

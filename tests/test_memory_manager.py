@@ -89,9 +89,9 @@ class World:
     def cancel_remote(self, daemon, request):
         pass
 
-    def reply_error(self, request, code, message):
-        self.replies[request.id].append(code)
-        self.messages[request.id] = message
+    def reply_error(self, request, error):
+        self.replies[request.id].append(error.code)
+        self.messages[request.id] = error.message
 
     def reply_cancelled(self, request, message):
         self.replies[request.id].append("cancelled")

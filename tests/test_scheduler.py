@@ -640,7 +640,7 @@ class World:
     def cancel_remote(self, daemon, request):
         assert self.processes[daemon.name] is not None
 
-    def reply_error(self, request, code, message):
+    def reply_error(self, request, error):
         self._terminal(request)
 
     def reply_cancelled(self, request, message):
