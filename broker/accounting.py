@@ -12,20 +12,20 @@ footprint nor a late probe sample lets the device go over its threshold.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from .memory import DeviceMemory, MemoryReading
 from .placement import DEPTH
 
 if TYPE_CHECKING:
+    from .config import DeviceLimit
     from .scheduler import Daemon
 
 
 class MemoryBook:
-    def __init__(self, daemons: dict[str, Daemon], limit_for: Callable[[str], Any] | None):
+    def __init__(self, daemons: dict[str, Daemon], limit_for: Callable[[str], DeviceLimit]):
         self.daemons = daemons
-        # device id -> its limit (budget(total), describe(total), external);
-        # None: no limits at all (a broker without memory management).
+        # device id -> its limit (budget(total), describe(total), external).
         self.limit_for = limit_for
         self.reading = MemoryReading([])
         # Looked up on every dispatch: by id, not by a scan of the reading.
@@ -37,16 +37,16 @@ class MemoryBook:
         self._devices = {device.id: device for device in reading.devices}
         self._first_device = reading.devices[0].id if reading.devices else None
 
-    def limit(self, device_id: str | None):
-        if device_id is None or self.limit_for is None:
-            return None
+    def limit(self, device_id: str | None) -> DeviceLimit | None:
+        if device_id is None:
+            return None  # its device is not in the probe's reading (yet)
         return self.limit_for(device_id)
 
     def device_id(self, daemon: Daemon) -> str | None:
-        return daemon.limits.device or self._first_device
+        return daemon.config.device or self._first_device
 
     def device(self, daemon: Daemon) -> DeviceMemory | None:
-        return self._devices.get(daemon.limits.device or self._first_device)
+        return self._devices.get(daemon.config.device or self._first_device)
 
     def measured(self, daemon: Daemon) -> int | None:
         """What the probe says the daemon's process holds on its device now."""

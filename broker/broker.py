@@ -32,7 +32,7 @@ from .events import OK, EventLog
 from .footprints import STATE_FILE, FootprintStore, fingerprint
 from .memory import MemoryProbe, choose_probe
 from .parking import Parking
-from .scheduler import Action, DaemonLimits, MemoryPolicy, Request, Scheduler
+from .scheduler import Action, Request, Scheduler
 from .sd_notify import Notifier
 from .systemd_daemons import SystemdDaemons
 
@@ -84,32 +84,18 @@ class Broker:
     def __init__(self, config: Config, *, clock=time.monotonic, parent_pid: int | None = None,
                  probe: MemoryProbe | None = None, systemd_scope: str | None = None):
         self.config = config
-        memory = config.broker.memory
-        self.probe = probe or choose_probe(memory.probe)
+        self.probe = probe or choose_probe(config.broker.memory.probe)
         self.clock = clock
         self.parent_pid = parent_pid
         self.instance = uuid.uuid4().hex[:12]
         self.started = clock()
         broker = config.broker
-        limits = {
-            name: DaemonLimits(concurrency=d.concurrency, max_queue=d.max_queue,
-                               max_payload_bytes=d.max_payload_bytes or broker.max_payload_bytes,
-                               device=d.device, pinned=d.pin, idle_ttl_s=d.idle_ttl_s,
-                               preload=d.preload, declared_resident=d.declared_resident,
-                               declared_peak=d.declared_peak, priority=d.priority)
-            for name, d in config.daemons.items()
-        }
         self.store = FootprintStore(
             broker.state_dir / STATE_FILE,
             {name: fingerprint(d.engine, d.options, d.python, str(d.venv), d.device)
              for name, d in config.daemons.items()})
-        policy = MemoryPolicy(aging_s=memory.aging_s, max_skips=memory.max_skips,
-                              priority_window_s=memory.priority_window_s,
-                              limit_for=memory.limit_for)
-        self.scheduler = Scheduler(limits, self, clock,
-                                   daemon_expiry_s=broker.heartbeat_s * broker.liveness,
-                                   client_expiry_s=broker.client_liveness_s, policy=policy,
-                                   footprints=self.store.footprints, pins=self.store.pins)
+        self.scheduler = Scheduler(config, self, clock, footprints=self.store.footprints,
+                                   pins=self.store.pins)
         # Daemons whose process the memory manager stopped: the supervisor
         # reads this from `status()` and keeps them stopped until it empties.
         self.stopped_for_memory: set[str] = set()
@@ -369,7 +355,7 @@ class Broker:
             known = [rid for rid in waiting if self.scheduler.knows(client, rid)]
             # Settled: up long enough for every live daemon to have registered
             # the calls it is running, so "unknown" now means lost.
-            settled = self.clock() - self.started > self.scheduler.daemon_expiry_s + \
+            settled = self.clock() - self.started > self.config.broker.daemon_expiry_s + \
                 self.config.broker.heartbeat_s
             self._to_client(client, {"kind": protocol.PONG, "id": request_id, "known": known,
                                      "broker": self.instance, "settled": settled}, hold=False)
@@ -556,7 +542,7 @@ class Broker:
         fd = next((fd for fd, watched in self.pidfds.items() if watched == daemon.name), None)
         if fd is not None:
             return not select.select([fd], [], [], 0)[0]  # a pidfd turns readable at exit
-        return self.clock() - daemon.last_seen <= self.scheduler.daemon_expiry_s
+        return self.clock() - daemon.last_seen <= self.config.broker.daemon_expiry_s
 
     def on_daemon_reply(self, identity: bytes, name: str | None, header: dict,
                         body: list) -> None:
@@ -758,7 +744,7 @@ class Broker:
             log.info("dropped what was held for client %r: it did not come back within "
                      "client_liveness_s", client)
         # A restarted broker hears every live daemon register within a liveness.
-        for slot, _ in self.held_from_slots.expire(now, 2 * self.scheduler.daemon_expiry_s):
+        for slot, _ in self.held_from_slots.expire(now, 2 * self.config.broker.daemon_expiry_s):
             log.warning("dropped a reply from %r: no daemon registered that socket", slot)
 
     def _read_memory(self) -> None:

@@ -170,6 +170,11 @@ class BrokerConfig:
     # None: no CURVE, and then tcp:// only on loopback.
     curve: CurveConfig | None = None
 
+    @property
+    def daemon_expiry_s(self) -> float:
+        """A daemon silent this long (liveness heartbeats) is taken for dead."""
+        return self.heartbeat_s * self.liveness
+
 
 # Where the OpenAI-compatible gateway listens unless configured (loopback: no keys needed).
 DEFAULT_GATEWAY_LISTEN = ("127.0.0.1", 8000)

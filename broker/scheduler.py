@@ -38,6 +38,7 @@ from modelhost.errors import (
 from modelhost.protocol import DaemonState, Priority, Tier
 
 from .accounting import MemoryBook
+from .config import Config, DaemonConfig
 from .events import LOAD_FAILED, START_FAILED
 from .footprints import Footprint
 from .memory import DeviceMemory, MemoryReading, format_bytes
@@ -132,36 +133,12 @@ class Request:
         return (self.client, self.id)
 
 
-@dataclass
-class DaemonLimits:
-    """A daemon's settings from the configuration, as the scheduler needs them."""
-
-    concurrency: int = 1
-    max_queue: int = 64
-    max_payload_bytes: int = 256 * 2**20
-    device: str | None = None  # None: the first device the probe reports
-    pinned: bool = False
-    idle_ttl_s: float | None = None
-    preload: bool = True
-    declared_resident: int | None = None
-    declared_peak: int | None = None
-    priority: str | None = None  # the most urgent work it serves, known in advance
-
-
-@dataclass(frozen=True)
-class MemoryPolicy:
-    aging_s: float = 30.0  # a waiting request rises one priority class per aging_s
-    max_skips: int = 4  # times a request waiting for memory may be overtaken
-    priority_window_s: float = 60.0  # how long a daemon ranks with the work it served
-    # device id -> its limit (budget(total), describe(total), external); None:
-    # every device unlimited (a broker without memory management).
-    limit_for: Callable[[str], Any] | None = None
-
-
 @dataclass(eq=False)
 class Daemon:
     name: str
-    limits: DaemonLimits
+    config: DaemonConfig  # as the configuration file says (concurrency, device, pin, ...)
+    # Its config's max_payload, else the broker's.
+    max_payload_bytes: int
     state: str = DaemonState.STARTING
     identity: bytes | None = None  # routing id of its control socket, once registered
     # Routing ids of its call slots: one call at a time each, on its own socket.
@@ -229,24 +206,25 @@ class Effects(Protocol):
 
 
 class Scheduler:
-    def __init__(self, limits: dict[str, DaemonLimits], effects: Effects,
-                 clock: Callable[[], float], *, daemon_expiry_s: float = 3.0,
-                 client_expiry_s: float = 10.0, policy: MemoryPolicy | None = None,
+    def __init__(self, config: Config, effects: Effects, clock: Callable[[], float], *,
                  footprints: dict[str, Footprint] | None = None,
                  pins: dict[str, bool] | None = None):
-        self.daemons = {name: Daemon(name, lim) for name, lim in limits.items()}
+        broker = config.broker
+        self.daemons = {
+            name: Daemon(name, daemon, daemon.max_payload_bytes or broker.max_payload_bytes)
+            for name, daemon in config.daemons.items()}
         for name, daemon in self.daemons.items():
             if footprints is not None and name in footprints:
                 daemon.footprint = footprints[name]
-            daemon.footprint.declared_resident = daemon.limits.declared_resident
-            daemon.footprint.declared_peak = daemon.limits.declared_peak
-            daemon.pinned = (pins or {}).get(name, daemon.limits.pinned)
+            daemon.footprint.declared_resident = daemon.config.declared_resident
+            daemon.footprint.declared_peak = daemon.config.declared_peak
+            daemon.pinned = (pins or {}).get(name, daemon.config.pin)
         self.effects = effects
         self.clock = clock
-        self.daemon_expiry_s = daemon_expiry_s
-        self.client_expiry_s = client_expiry_s
-        self.policy = policy or MemoryPolicy()
-        self.book = MemoryBook(self.daemons, self.policy.limit_for)
+        self.daemon_expiry_s = broker.daemon_expiry_s
+        self.client_expiry_s = broker.client_liveness_s
+        self.memory = broker.memory  # thresholds per device, aging, skips, priority window
+        self.book = MemoryBook(self.daemons, self.memory.limit_for)
         self._preload_due = False  # a daemon registered: see whether it preloads
         self.supervisor_seen = float("-inf")
         self.requests: dict[RequestKey, Request] = {}
@@ -297,13 +275,13 @@ class Scheduler:
                 "{} has no method {!r}; it offers: {}".format(
                     daemon.name, request.method, ", ".join(daemon.methods))))
             return
-        if request.payload_bytes > daemon.limits.max_payload_bytes:
+        if request.payload_bytes > daemon.max_payload_bytes:
             self.effects.reply_error(request, PayloadTooLarge(
                 "the request carries {} bytes of payload; {} accepts at most {} (max_payload "
                 "in its config)".format(request.payload_bytes, daemon.name,
-                                        daemon.limits.max_payload_bytes)))
+                                        daemon.max_payload_bytes)))
             return
-        if daemon.queued() >= daemon.limits.max_queue:
+        if daemon.queued() >= daemon.config.max_queue:
             self.effects.reply_error(request, OverCapacity(
                 "{} already has {} calls queued (max_queue); retry later or raise max_queue"
                 .format(daemon.name, daemon.queued())))
@@ -316,7 +294,7 @@ class Scheduler:
         # A call that can start right away fits; one that will wait learns
         # now, not at the head of the queue, that it never could.
         starts_now = (daemon.serving and daemon.target is None and not daemon.queued()
-                      and len(daemon.running) < daemon.limits.concurrency)
+                      and len(daemon.running) < daemon.config.concurrency)
         if request.action != Action.UNLOAD and not starts_now:
             never = self._never_fits(daemon, request)
             if never is not None:
@@ -389,7 +367,7 @@ class Scheduler:
         daemon.python = info.get("python")
         daemon.engine = info.get("engine")
         daemon.methods = list(info.get("methods") or [])
-        daemon.slots = list(info.get("slots") or [identity] * daemon.limits.concurrency)
+        daemon.slots = list(info.get("slots") or [identity] * daemon.config.concurrency)
         daemon.retry_at = 0.0
         daemon.started_at = now - float(info.get("uptime_s") or 0.0)
         daemon.want_stopped = False
@@ -610,8 +588,8 @@ class Scheduler:
                 "uptime_s": None if daemon.started_at is None else now - daemon.started_at,
                 "queued": daemon.queued(),
                 "running": len(daemon.running),
-                "concurrency": daemon.limits.concurrency,
-                "max_queue": daemon.limits.max_queue,
+                "concurrency": daemon.config.concurrency,
+                "max_queue": daemon.config.max_queue,
                 "loads": daemon.loads,
                 "restarts": daemon.process.get("restarts", 0),
                 "last_error": daemon.error,
@@ -623,7 +601,7 @@ class Scheduler:
                 "pinned": daemon.pinned,
                 "memory_bytes": self.book.measured(daemon),
                 "footprint": daemon.footprint.describe(),
-                "idle_ttl_s": daemon.limits.idle_ttl_s,
+                "idle_ttl_s": daemon.config.idle_ttl_s,
                 "ttl_s": None if expiry is None else max(0.0, expiry - now),
                 "evictions": daemon.evictions,
                 "moves": dict(daemon.moves),
@@ -699,16 +677,16 @@ class Scheduler:
     def _rank(self, daemon: Daemon, now: float) -> int:
         """The most urgent priority class the daemon serves lately (0 = interactive)."""
         ranks = [PRIORITY_INDEX[p] for p, queue in daemon.queues.items() if queue]
-        if daemon.limits.priority is not None:
-            ranks.append(PRIORITY_INDEX[daemon.limits.priority])
+        if daemon.config.priority is not None:
+            ranks.append(PRIORITY_INDEX[daemon.config.priority])
         ranks += [PRIORITY_INDEX[p] for p, when in daemon.served.items()
-                  if now - when <= self.policy.priority_window_s]
+                  if now - when <= self.memory.priority_window_s]
         return min(ranks, default=LOWEST_RANK)
 
     def _effective_class(self, request: Request, now: float) -> int:
         """The request's priority class, raised one class per aging_s it has waited."""
-        aged = int((now - request.enqueued_at) / self.policy.aging_s) \
-            if self.policy.aging_s > 0 else 0
+        aged = int((now - request.enqueued_at) / self.memory.aging_s) \
+            if self.memory.aging_s > 0 else 0
         return max(0, PRIORITY_INDEX[request.priority] - aged)
 
     def _victims(self, device: DeviceMemory, needer: Daemon, rank_at_least: int,
@@ -747,7 +725,7 @@ class Scheduler:
             self._dirty = True
 
     def _ttl_expiry(self, daemon: Daemon) -> float | None:
-        ttl = daemon.limits.idle_ttl_s
+        ttl = daemon.config.idle_ttl_s
         if (ttl is None or daemon.pinned or daemon.identity is None or daemon.running
                 or daemon.queued() or daemon.target is not None
                 or daemon.tier not in (Tier.RESIDENT, Tier.OFFLOADED)
@@ -869,7 +847,7 @@ class Scheduler:
             daemon = self.daemons[best.model]
             device_id = self.book.device_id(daemon)
             first = waiter.get(device_id)
-            if first is not None and first.skips >= self.policy.max_skips:
+            if first is not None and first.skips >= self.memory.max_skips:
                 blocked.add(daemon.name)  # nothing more overtakes it on this device
                 continue
             outcome = self._try_start(daemon, best, may_plan=first is None, now=now)
@@ -900,7 +878,7 @@ class Scheduler:
             device_id = None if device is None else device.id
             if (daemon.identity is None and daemon.state == DaemonState.STARTING
                     and daemon.process.get("status") in ("pending", "starting", "running")
-                    and daemon.limits.preload and not daemon.preload_tried):
+                    and daemon.config.preload and not daemon.preload_tried):
                 set_aside[device_id] = set_aside.get(device_id, 0) + \
                     daemon.footprint.at(Tier.RESIDENT)
                 self._preload_due = True  # look again when it registers
@@ -909,7 +887,7 @@ class Scheduler:
                     or daemon.tier != Tier.UNLOADED or daemon.state != DaemonState.UNLOADED):
                 continue
             daemon.preload_tried = True
-            if not daemon.limits.preload or daemon.queued() or daemon.unload_waiters:
+            if not daemon.config.preload or daemon.queued() or daemon.unload_waiters:
                 continue
             limit = self.book.limit(device_id)
             if limit is not None:
@@ -1068,7 +1046,7 @@ class Scheduler:
     @staticmethod
     def _free_slots(daemon: Daemon) -> list[int]:
         busy = {request.slot for request in daemon.running.values()}
-        return [index for index in range(min(len(daemon.slots), daemon.limits.concurrency))
+        return [index for index in range(min(len(daemon.slots), daemon.config.concurrency))
                 if index not in busy]
 
     @staticmethod

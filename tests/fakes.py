@@ -67,3 +67,25 @@ class RecordingEffects(object):
         """The effects recorded since the last take."""
         taken, self.effects = self.effects, []
         return taken
+
+
+def make_config(daemons, memory=None, **broker):
+    """A Config as the scheduler takes it: `daemons` maps each name to the
+    DaemonConfig fields it sets (engine and python need not be given),
+    `broker` sets BrokerConfig fields, `memory` is a MemoryConfig.
+
+    Every other field keeps the default the configuration file would give it.
+    """
+    from pathlib import Path
+
+    from modelhost.broker.config import BrokerConfig, Config, DaemonConfig, MemoryConfig
+
+    base = Path("/nonexistent/modelhost-test")
+    return Config(
+        path=None,
+        broker=BrokerConfig(runtime_dir=base / "run", state_dir=base / "state",
+                            frontend="inproc://frontend", backend="inproc://backend",
+                            events="inproc://events", memory=memory or MemoryConfig(), **broker),
+        daemons={name: DaemonConfig(**dict({"name": name, "engine": "fake:Fake",
+                                            "python": "3"}, **fields))
+                 for name, fields in daemons.items()})

@@ -15,15 +15,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modelhost.broker.config import DeviceLimit
+from modelhost.broker.config import DeviceLimit, MemoryConfig
 from modelhost.broker.memory import DeviceMemory, MemoryReading
 from modelhost.broker.placement import Candidate, Step, plan_room
 from modelhost.broker.scheduler import (
-    Action, DaemonLimits, MemoryPolicy, Request, Scheduler,
+    Action, Request, Scheduler,
 )
 from modelhost.protocol import DaemonState, Priority, Tier
 
-from fakes import FakeClock
+from fakes import FakeClock, make_config
 
 MiB = 2**20
 CLIENT = b"client"
@@ -41,7 +41,7 @@ class World:
         self.total = total_mib * MiB
         limit = DeviceLimit(threshold_fraction=None, threshold_bytes=self.budget,
                             external="ignore")
-        self.limits = {}
+        fields = {}  # name -> the DaemonConfig fields of its configuration
         # The truth per daemon: what it holds at each tier, and per call.
         self.truth = {}
         for name, spec in daemons.items():
@@ -57,14 +57,14 @@ class World:
                 [Tier.OFFLOADED] if offload else [])
             resident = spec.pop("resident", None)
             peak = spec.pop("peak", None)
-            self.limits[name] = DaemonLimits(
+            fields[name] = dict(
                 concurrency=spec.pop("concurrency", 1), device="host",
                 declared_resident=None if resident is None else resident * MiB,
-                declared_peak=None if peak is None else peak * MiB, **spec)
-        self.scheduler = Scheduler(
-            self.limits, self, self.clock,
-            policy=MemoryPolicy(aging_s=aging_s, max_skips=max_skips,
-                                priority_window_s=window_s, limit_for=lambda device: limit))
+                declared_peak=None if peak is None else peak * MiB,
+                pin=spec.pop("pinned", False), **spec)
+        self.config = make_config(fields, memory=MemoryConfig(
+            default=limit, aging_s=aging_s, max_skips=max_skips, priority_window_s=window_s))
+        self.scheduler = Scheduler(self.config, self, self.clock)
         self.tier = {}  # name -> tier the process is really at (absent: no process)
         self.leaked = {}  # name -> bytes its last unload left behind
         self.pending = []  # commands the daemons have not carried out yet
@@ -138,7 +138,7 @@ class World:
             "pid": self.pids[name], "methods": ["work"], "state": DaemonState.UNLOADED,
             "tier": Tier.UNLOADED, "tiers": self.truth[name]["tiers"],
             "slots": [b"%s:s%d" % (name.encode(), i)
-                      for i in range(self.limits[name].concurrency)]})
+                      for i in range(self.config.daemons[name].concurrency)]})
 
     def step(self):
         """Carry out the oldest command, as the daemon or the supervisor would."""

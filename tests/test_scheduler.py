@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modelhost.broker.scheduler import (
-    DISPATCH_RETRY_S, DaemonLimits, Request, RequestState, Scheduler,
+    DISPATCH_RETRY_S, Request, RequestState, Scheduler,
 )
 from modelhost.protocol import DaemonState, Priority
 
-from fakes import FakeClock, RecordingEffects
+from fakes import FakeClock, RecordingEffects, make_config
 
 ALICE = b"client-alice"
 BOB = b"client-bob"
@@ -30,9 +30,10 @@ class Harness:
         self.clock = FakeClock()
         self.effects = RecordingEffects()
         self.scheduler = Scheduler(
-            {"tts": DaemonLimits(concurrency=concurrency, max_queue=max_queue,
-                                 max_payload_bytes=max_payload_bytes)},
-            self.effects, self.clock, daemon_expiry_s=3.0, client_expiry_s=10.0)
+            make_config({"tts": dict(concurrency=concurrency, max_queue=max_queue,
+                                     max_payload_bytes=max_payload_bytes)},
+                        heartbeat_s=1.0, liveness=3, client_liveness_s=10.0),
+            self.effects, self.clock)
         self.tts = self.scheduler.daemons["tts"]
 
     def call(self, rid, model="tts", method="speak", client=ALICE, priority=Priority.NORMAL,
@@ -47,7 +48,7 @@ class Harness:
 
     def register(self, pid=100, state=DaemonState.READY, **info):
         """Register `tts` as the runtime does: a control socket and one socket per slot."""
-        concurrency = self.tts.limits.concurrency
+        concurrency = self.tts.config.concurrency
         info = dict({"pid": pid, "methods": TTS_METHODS, "state": state,
                      "slots": [b"tts:%d:s%d" % (pid, i) for i in range(concurrency)]}, **info)
         return self.scheduler.on_daemon_registered("tts", b"tts:%d:control" % pid, info)
@@ -577,17 +578,20 @@ def test_adopted_call_without_a_slot_still_counts_against_concurrency(h):
     h.call(1)
     h.register(running=[{"id": 7, "client": BOB, "method": "clone"}])
     assert h.take() == []
-    assert len(h.tts.running) <= h.tts.limits.concurrency
+    assert len(h.tts.running) <= h.tts.config.concurrency
 
 
 # --- property: random event sequences against two daemons ----------------------
 
-PROPERTY_LIMITS = {"a": DaemonLimits(concurrency=1, max_queue=3),
-                   "b": DaemonLimits(concurrency=2, max_queue=4)}
-PROPERTY_DAEMONS = sorted(PROPERTY_LIMITS)
+PROPERTY_CONFIG = make_config({"a": dict(concurrency=1, max_queue=3),
+                               "b": dict(concurrency=2, max_queue=4)},
+                              # A client silent for 2 s is gone: shorter than most
+                              # timeouts, so silence alone drops work.
+                              client_liveness_s=2.0, heartbeat_s=1.0, liveness=3)
+PROPERTY_DAEMONS = sorted(PROPERTY_CONFIG.daemons)
 PROPERTY_CLIENTS = [b"c0", b"c1", b"c2"]
-CLIENT_EXPIRY_S = 2.0  # shorter than most timeouts, so silence alone drops work
-DAEMON_EXPIRY_S = 3.0
+CLIENT_EXPIRY_S = PROPERTY_CONFIG.broker.client_liveness_s
+DAEMON_EXPIRY_S = PROPERTY_CONFIG.broker.daemon_expiry_s
 
 
 class FakeProcess:
@@ -597,7 +601,7 @@ class FakeProcess:
         self.pid = pid
         self.identity = "{}:{}:control".format(name, pid).encode()
         self.slots = ["{}:{}:s{}".format(name, pid, i).encode()
-                      for i in range(PROPERTY_LIMITS[name].concurrency)]
+                      for i in range(PROPERTY_CONFIG.daemons[name].concurrency)]
         self.connected = connected  # False: its slot sockets have not connected yet
         self.in_flight = {}  # request id -> slot index, in dispatch order
 
@@ -607,9 +611,7 @@ class World:
 
     def __init__(self):
         self.clock = FakeClock()
-        self.scheduler = Scheduler(dict(PROPERTY_LIMITS), self, self.clock,
-                                   daemon_expiry_s=DAEMON_EXPIRY_S,
-                                   client_expiry_s=CLIENT_EXPIRY_S)
+        self.scheduler = Scheduler(PROPERTY_CONFIG, self, self.clock)
         self.processes = {name: None for name in PROPERTY_DAEMONS}  # None: no live process
         self.next_pid = 100
         self.next_id = 0
@@ -795,8 +797,8 @@ class World:
             elif self.terminals[rid] == 1:
                 assert not live, "request {} is still live after its terminal reply".format(rid)
         for name, daemon in self.scheduler.daemons.items():
-            assert len(daemon.running) <= daemon.limits.concurrency
-            assert daemon.queued() <= daemon.limits.max_queue
+            assert len(daemon.running) <= daemon.config.concurrency
+            assert daemon.queued() <= daemon.config.max_queue
 
 
 daemon_index = st.integers(0, len(PROPERTY_DAEMONS) - 1)
