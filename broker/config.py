@@ -18,8 +18,6 @@ import ipaddress
 import math
 import os
 import re
-import shutil
-import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -33,7 +31,7 @@ __all__ = [
     "ConfigError", "RestartPolicy", "DaemonConfig", "DeviceLimit", "MemoryConfig",
     "BrokerConfig", "CurveConfig", "GatewayConfig", "GatewayModel", "Config",
     "default_config_path", "load_config", "parse_config", "daemon_spec", "gateway_spec",
-    "interpreter_for", "find_base_interpreter", "parse_size", "format_size",
+    "parse_size", "format_size",
 ]
 
 
@@ -346,69 +344,6 @@ def _curve_spec(broker: BrokerConfig) -> dict:
         return {}
     key = str(broker.curve.secret_key)
     return {"curve": {"server_key": key, "client_key": key}}
-
-
-def interpreter_for(daemon: DaemonConfig) -> Path:
-    """The Python executable the daemon runs with."""
-    if daemon.venv is not None:
-        return daemon.venv / "bin" / "python"
-    return find_base_interpreter(daemon.python)
-
-
-def find_base_interpreter(spec: str) -> Path:
-    """Resolve "3.12", "3.8.18" or an interpreter path to an existing executable.
-
-    A version is looked for in pyenv first ($PYENV_ROOT/versions, newest
-    matching patch release), then as `pythonX.Y` on PATH.
-    """
-    if "/" in spec:
-        exe = Path(os.path.expanduser(os.path.expandvars(spec)))
-        if exe.is_file() and os.access(exe, os.X_OK):
-            return exe
-        raise FileNotFoundError(f"python interpreter {spec!r}: {exe} is not an executable file")
-
-    m = PYTHON_VERSION.match(spec)
-    if not m:
-        raise ValueError(f"python {spec!r}: expected a version like '3.12' or '3.8.18', or a path")
-    major, minor, patch = m.group(1), m.group(2), m.group(3)
-    short = f"{major}.{minor}"
-    tried = []
-
-    versions = Path(os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")) / "versions"
-    candidates = []
-    if versions.is_dir():
-        for entry in versions.iterdir():
-            # Only plain X.Y.Z releases: skip "3.13.0t" (free-threaded), "3.12-dev", rcs.
-            em = re.fullmatch(rf"{major}\.{minor}\.(\d+)", entry.name)
-            if em and (patch is None or int(em.group(1)) == int(patch)):
-                candidates.append((int(em.group(1)), entry))
-    for _, entry in sorted(candidates, reverse=True):
-        exe = entry / "bin" / f"python{short}"
-        tried.append(str(exe))
-        if exe.is_file() and os.access(exe, os.X_OK):
-            return exe
-    if not candidates:
-        tried.append(f"{versions}/{spec if patch else short + '.*'}")
-
-    name = f"python{short}"
-    found = shutil.which(name)
-    tried.append(f"{name} on PATH")
-    if found:
-        # PATH gives some X.Y; an exact X.Y.Z request must get exactly that release.
-        if patch is None or _version_of(found) == spec:
-            return Path(found)
-        tried[-1] += f" (found {found}, but it is not {spec})"
-    raise FileNotFoundError(f"no python {spec} found; tried: " + "; ".join(tried))
-
-
-def _version_of(exe: str) -> str | None:
-    try:
-        out = subprocess.run(
-            [exe, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
-            capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def format_size(n: int) -> str:

@@ -42,10 +42,9 @@ import zmq
 from modelhost import protocol
 from modelhost.errors import ModelhostError
 
-from .config import (Config, DaemonConfig, RestartPolicy, daemon_spec, gateway_spec,
-                     interpreter_for)
+from .config import Config, DaemonConfig, RestartPolicy, daemon_spec, gateway_spec
 from .curve import secure_link
-from .envs import FINGERPRINT_FILE
+from .envs import FINGERPRINT_FILE, interpreter_for
 
 log = logging.getLogger("modelhost.supervisor")
 

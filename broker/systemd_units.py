@@ -21,7 +21,8 @@ import pwd
 import sys
 from pathlib import Path
 
-from .config import Config, daemon_spec, interpreter_for, load_config
+from .config import Config, daemon_spec, load_config
+from .envs import interpreter_for
 
 UNITS = ("modelhost-broker.service", "modelhost-daemon@.service", "modelhost.target")
 SERVICE_USER = "modelhost"

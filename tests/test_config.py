@@ -10,9 +10,9 @@ import pytest
 
 from modelhost.broker.config import (
     BrokerConfig, Config, ConfigError, DaemonConfig, DeviceLimit, MemoryConfig, RestartPolicy,
-    daemon_spec, default_config_path, find_base_interpreter, format_size, interpreter_for,
-    load_config, parse_config, parse_size,
+    daemon_spec, default_config_path, format_size, load_config, parse_config, parse_size,
 )
+from modelhost.broker.envs import find_base_interpreter, interpreter_for
 
 MINIMAL = """\
 daemons:

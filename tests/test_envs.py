@@ -8,7 +8,8 @@ import time
 import pytest
 
 from modelhost.broker import envs
-from modelhost.broker.config import DaemonConfig, find_base_interpreter
+from modelhost.broker.config import DaemonConfig
+from modelhost.broker.envs import find_base_interpreter
 
 pytestmark = pytest.mark.slow
 
