@@ -18,7 +18,7 @@ import ipaddress
 import math
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,6 +41,21 @@ class ConfigError(Exception):
     def __init__(self, errors: list[str] | str):
         self.errors = [errors] if isinstance(errors, str) else list(errors)
         super().__init__("\n".join(self.errors))
+
+
+# What broker.max_payload and broker.max_reply are unless configured.
+DEFAULT_MAX_MESSAGE = 256 * 2**20
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default the configuration dataclass `cls` declares for its field `name`
+    (a fresh one, for a default_factory): each default is written there, once."""
+    spec = cls.__dataclass_fields__[name]
+    if spec.default is not MISSING:
+        return spec.default
+    if spec.default_factory is not MISSING:
+        return spec.default_factory()
+    raise KeyError(f"{cls.__name__}.{name} has no default")
 
 
 @dataclass(frozen=True)
@@ -155,11 +170,11 @@ class BrokerConfig:
     heartbeat_s: float = 1.0
     liveness: int = 3
     client_liveness_s: float = 10.0
-    max_payload_bytes: int = 256 * 2**20
+    max_payload_bytes: int = DEFAULT_MAX_MESSAGE
     # The largest frame a daemon may send (a result's payload): the backend
     # socket refuses more, so no peer there can make the broker buffer
     # gigabytes; the daemon runtime answers payload_too_large instead.
-    max_reply_bytes: int = 256 * 2**20
+    max_reply_bytes: int = DEFAULT_MAX_MESSAGE
     log_level: str = "info"  # debug|info|warning|error
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     # (host, port) of the metrics and dashboard server, loopback only; port 0
@@ -273,6 +288,7 @@ _GATEWAY_MODEL_KEYS = ("daemon", "task", "method", "voices", "speed", "arguments
 _GATEWAY_SPEED_KEYS = ("argument", "scale", "min", "max")
 
 _BAD = object()  # a value that failed validation; the error is already recorded
+_FROM_SECTION = object()  # a default not given: the section dataclass's
 _FLOAT = "tag:yaml.org,2002:float"
 _SEQ = "tag:yaml.org,2002:seq"
 _MAP = "tag:yaml.org,2002:map"
@@ -449,12 +465,11 @@ class _Parser:
         if entry is not None:
             fields = self.mapping(entry[1], "broker", _BROKER_KEYS) or {}
 
-        def get(key: str, convert: Callable, default: Any, **kw) -> Any:
-            return self.field(fields, "broker", key, convert, default, **kw)
+        get = self.getter(fields, "broker", BrokerConfig)
 
         runtime_dir = get("runtime_dir", self.path_value, None) or _absolute(default_runtime_dir())
         state_dir = get("state_dir", self.path_value, None) or _default_state_dir()
-        curve = get("curve", self.curve, None)
+        curve = get("curve", self.curve)
         endpoints = {}
         for key in ("frontend", "backend", "events"):
             default = f"ipc://{{runtime_dir}}/{key}.sock"
@@ -470,27 +485,27 @@ class _Parser:
                 self.error(fields[key][1] if key in fields else 1, f"broker.{key}",
                            f"{first} and {second} are the same endpoint ({endpoints[first]})")
 
-        level = get("log_level", self.string, "info")
+        level = get("log_level", self.string)
         if isinstance(level, str) and level.lower() not in LOG_LEVELS:
             self.error(fields["log_level"][1], "broker.log_level",
                        f"expected one of {', '.join(LOG_LEVELS)}, got {level!r}"
                        + _suggest(level.lower(), LOG_LEVELS))
-            level = "info"
+            level = default_of(BrokerConfig, "log_level")
 
         return BrokerConfig(
             runtime_dir=runtime_dir,
             state_dir=state_dir,
             frontend=endpoints["frontend"],
             backend=endpoints["backend"],
-            heartbeat_s=get("heartbeat_s", self.duration, 1.0),
-            liveness=get("liveness", self.integer, 3, minimum=1),
-            client_liveness_s=get("client_liveness_s", self.duration, 10.0),
-            max_payload_bytes=get("max_payload", self.size, 256 * 2**20),
-            max_reply_bytes=get("max_reply", self.size, 256 * 2**20),
+            heartbeat_s=get("heartbeat_s", self.duration),
+            liveness=get("liveness", self.integer, minimum=1),
+            client_liveness_s=get("client_liveness_s", self.duration),
+            max_payload_bytes=get("max_payload", self.size, attr="max_payload_bytes"),
+            max_reply_bytes=get("max_reply", self.size, attr="max_reply_bytes"),
             log_level=level.lower(),
-            memory=get("memory", self.memory, MemoryConfig()),
+            memory=get("memory", self.memory),
             events=endpoints["events"],
-            http=get("http", self.http_address, DEFAULT_HTTP),
+            http=get("http", self.http_address),
             curve=curve,
         )
 
@@ -499,15 +514,13 @@ class _Parser:
         if fields is None:
             return _BAD
 
-        def get(key: str, convert: Callable, default: Any, **kw) -> Any:
-            return self.field(fields, kp, key, convert, default, **kw)
-
-        probe = get("probe", self.choice, "auto", choices=PROBES)
+        get = self.getter(fields, kp, MemoryConfig)
+        probe = get("probe", self.choice, choices=PROBES)
         default = DeviceLimit()
         threshold = get("threshold", self.threshold, None)
         if threshold is not None:
             default = _with_threshold(default, threshold)
-        default = replace(default, external=get("external", self.choice, "count",
+        default = replace(default, external=get("external", self.choice, default.external,
                                                 choices=EXTERNAL_POLICIES))
         devices = {}
         if "devices" in fields:
@@ -516,10 +529,10 @@ class _Parser:
             probe=probe,
             default=default,
             devices=devices,
-            sample_s=get("sample_s", self.duration, 0.2),
-            aging_s=get("aging_s", self.duration, 30.0),
-            max_skips=get("max_skips", self.integer, 4, minimum=0),
-            priority_window_s=get("priority_window_s", self.duration, 60.0, allow_zero=True),
+            sample_s=get("sample_s", self.duration),
+            aging_s=get("aging_s", self.duration),
+            max_skips=get("max_skips", self.integer, minimum=0),
+            priority_window_s=get("priority_window_s", self.duration, allow_zero=True),
         )
 
     def device_limits(self, node: Node, kp: str, default: DeviceLimit) -> dict[str, DeviceLimit]:
@@ -565,9 +578,7 @@ class _Parser:
                 self.error(knode, f"{kp}.{required}", "required key is missing")
                 missing = True
 
-        def get(key: str, convert: Callable, default: Any, **kw) -> Any:
-            return self.field(fields, kp, key, convert, default, **kw)
-
+        get = self.getter(fields, kp, DaemonConfig)
         engine = get("engine", self.string, None)
         if engine is not None and not ENGINE_REF.match(engine):
             self.error(fields["engine"][1], f"{kp}.engine",
@@ -584,7 +595,7 @@ class _Parser:
                 if venv is _BAD:
                     venv = None
 
-        max_payload = get("max_payload", self.size, None)
+        max_payload = get("max_payload", self.size, attr="max_payload_bytes")
         if max_payload is not None and max_payload > broker.max_payload_bytes:
             # The broker refuses larger messages before the daemon could see them.
             self.error(fields["max_payload"][1], f"{kp}.max_payload",
@@ -598,8 +609,8 @@ class _Parser:
         footprint: dict[str, int | None] = {}
         if "memory" in fields:
             footprint = self.footprint(fields["memory"][1], f"{kp}.memory")
-        pin = get("pin", self.boolean, False)
-        idle_ttl_s = get("idle_ttl_s", self.duration, None, allow_null=True)
+        pin = get("pin", self.boolean)
+        idle_ttl_s = get("idle_ttl_s", self.duration, allow_null=True)
         if pin and idle_ttl_s is not None:
             self.error(fields["idle_ttl_s"][1], f"{kp}.idle_ttl_s",
                        f"a pinned daemon is never unloaded (pin: true at line "
@@ -609,22 +620,22 @@ class _Parser:
         # Convert every field before deciding whether the daemon is usable, so
         # that all its errors are reported in one pass.
         values = dict(
-            requirements=get("requirements", self.path_value, None),
-            options=get("options", self.options, {}),
-            pythonpath=tuple(get("pythonpath", self.path_list, ())),
-            env=get("env", self.environment, {}),
-            concurrency=get("concurrency", self.integer, 1, minimum=1),
-            max_queue=get("max_queue", self.integer, 64, minimum=0),
-            ready_timeout_s=get("ready_timeout_s", self.duration, 300.0),
-            stop_timeout_s=get("stop_timeout_s", self.duration, 10.0),
-            autostart=get("autostart", self.boolean, True),
+            requirements=get("requirements", self.path_value),
+            options=get("options", self.options),
+            pythonpath=tuple(get("pythonpath", self.path_list)),
+            env=get("env", self.environment),
+            concurrency=get("concurrency", self.integer, minimum=1),
+            max_queue=get("max_queue", self.integer, minimum=0),
+            ready_timeout_s=get("ready_timeout_s", self.duration),
+            stop_timeout_s=get("stop_timeout_s", self.duration),
+            autostart=get("autostart", self.boolean),
             declared_resident=footprint.get("resident"),
             declared_peak=footprint.get("peak"),
-            device=get("device", self.device_id, None),
+            device=get("device", self.device_id),
             pin=pin,
             idle_ttl_s=idle_ttl_s,
-            preload=get("preload", self.boolean, True),
-            priority=get("priority", self.choice, None, choices=Priority.ALL),
+            preload=get("preload", self.boolean),
+            priority=get("priority", self.choice, choices=Priority.ALL),
         )
         if missing or not name_ok or engine is None or python is None:
             return None
@@ -650,8 +661,7 @@ class _Parser:
                     self.error(dknode, "daemons.gateway", "the name 'gateway' is the gateway's "
                                f"(section at line {knode.start_mark.line + 1}); rename the daemon")
 
-        def get(key: str, convert: Callable, default: Any, **kw) -> Any:
-            return self.field(fields, "gateway", key, convert, default, **kw)
+        get = self.getter(fields, "gateway", GatewayConfig)
 
         host, port = get("listen", self.listen_address, DEFAULT_GATEWAY_LISTEN)
         keys: list[str] = []
@@ -665,23 +675,22 @@ class _Parser:
         if not keys and not key_given and not _is_loopback(host):
             where = fields["listen"][1] if "listen" in fields else knode
             self.error(where, "gateway.listen", _gateway_keys_needed(host))
-        pcm_rate = 24000
+        pcm_rate = default_of(GatewayConfig, "pcm_rate")
         if "pcm_rate" in fields:
             node = fields["pcm_rate"][1]
             if self.scalar(node) is None:
                 pcm_rate = None
             else:
-                pcm_rate = self.integer(node, "gateway.pcm_rate", minimum=8000)
-                pcm_rate = 24000 if pcm_rate is _BAD else pcm_rate
+                rate = self.integer(node, "gateway.pcm_rate", minimum=8000)
+                pcm_rate = pcm_rate if rate is _BAD else rate
         models = None
         if "models" in fields:
             models = self.gateway_models(fields["models"][1], "gateway.models", daemons)
         return GatewayConfig(
             host=host, port=port, api_keys=tuple(dict.fromkeys(keys)),
-            timeout_s=get("timeout_s", self.duration, 600.0),
-            max_input_chars=get("max_input_chars", self.integer,
-                                DEFAULT_GATEWAY_MAX_INPUT_CHARS, minimum=1),
-            max_upload_bytes=get("max_upload", self.size, DEFAULT_GATEWAY_MAX_UPLOAD),
+            timeout_s=get("timeout_s", self.duration),
+            max_input_chars=get("max_input_chars", self.integer, minimum=1),
+            max_upload_bytes=get("max_upload", self.size, attr="max_upload_bytes"),
             pcm_rate=pcm_rate, models=models, line=knode.start_mark.line + 1)
 
     def gateway_models(self, node: Node, kp: str, daemons: dict[str, DaemonConfig]
@@ -699,8 +708,7 @@ class _Parser:
             for key in missing:
                 self.error(knode, f"{mkp}.{key}", "required key is missing")
 
-            def get(key: str, convert: Callable, default: Any, **kw) -> Any:
-                return self.field(fields, mkp, key, convert, default, **kw)
+            get = self.getter(fields, mkp, GatewayModel)
 
             daemon = get("daemon", self.string, None)
             if daemon is not None and daemon not in daemons:
@@ -716,11 +724,11 @@ class _Parser:
             if "speed" in fields:
                 speed = self.speed_mapping(fields["speed"][1], f"{mkp}.speed")
             values = dict(
-                method=get("method", self.string, None),
-                arguments=get("arguments", self.options, {}),
-                instructions=get("instructions", self.string, None),
-                priority=get("priority", self.choice, None, choices=Priority.ALL),
-                timeout_s=get("timeout_s", self.duration, None),
+                method=get("method", self.string),
+                arguments=get("arguments", self.options),
+                instructions=get("instructions", self.string),
+                priority=get("priority", self.choice, choices=Priority.ALL),
+                timeout_s=get("timeout_s", self.duration),
             )
             if missing or daemon is None or task is None or voices is _BAD or speed is _BAD:
                 continue
@@ -857,7 +865,7 @@ class _Parser:
     def restart(self, node: Node, kp: str) -> RestartPolicy:
         fields = self.mapping(node, kp, _RESTART_KEYS) or {}
         policy = RestartPolicy(**{
-            key: self.field(fields, kp, key, self.duration, getattr(RestartPolicy, key))
+            key: self.field(fields, kp, key, self.duration, default_of(RestartPolicy, key))
             for key in _RESTART_KEYS})
         if policy.max_backoff_s < policy.backoff_s:
             key = "max_backoff_s" if "max_backoff_s" in fields else "backoff_s"
@@ -873,6 +881,19 @@ class _Parser:
             return default
         value = convert(fields[key][1], f"{kp}.{key}", **kw)
         return default if value is _BAD else value
+
+    def getter(self, fields: dict[str, tuple[Node, Node]], kp: str, section: type) -> Callable:
+        """`field` for one section: `get(key, convert)` defaults to what the dataclass
+        `section` declares for the field (`attr=`, where its name is not the key's);
+        a default given to `get` is for what the dataclass has none for."""
+
+        def get(key: str, convert: Callable, default: Any = _FROM_SECTION, *,
+                attr: str | None = None, **kw) -> Any:
+            if default is _FROM_SECTION:
+                default = default_of(section, attr or key)
+            return self.field(fields, kp, key, convert, default, **kw)
+
+        return get
 
     # -- structure
 
