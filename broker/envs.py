@@ -29,7 +29,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import PYTHON_VERSION, DaemonConfig
+from .config import DaemonConfig
+from .config_model import PYTHON_VERSION
 
 __all__ = ["SetupResult", "project_root", "setup_daemon", "setup_all", "FINGERPRINT_FILE",
            "interpreter_for", "find_base_interpreter"]
