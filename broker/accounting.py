@@ -19,7 +19,7 @@ from .placement import DEPTH
 
 if TYPE_CHECKING:
     from .config import DeviceLimit
-    from .scheduler import Daemon
+    from .scheduler_types import Daemon
 
 
 class MemoryBook:

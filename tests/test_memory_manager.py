@@ -18,9 +18,7 @@ from hypothesis import strategies as st
 from modelhost.broker.config import DeviceLimit, MemoryConfig
 from modelhost.broker.memory import DeviceMemory, MemoryReading
 from modelhost.broker.placement import Candidate, Step, plan_room
-from modelhost.broker.scheduler import (
-    Action, Request, Scheduler,
-)
+from modelhost.broker.scheduler import Action, Request, Scheduler
 from modelhost.protocol import DaemonState, Priority, Tier
 
 from fakes import FakeClock, make_config

@@ -11,9 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modelhost.broker.scheduler import (
-    DISPATCH_RETRY_S, Request, RequestState, Scheduler,
-)
+from modelhost.broker.pump import DISPATCH_RETRY_S
+from modelhost.broker.scheduler import Request, RequestState, Scheduler
 from modelhost.protocol import DaemonState, Priority
 
 from fakes import FakeClock, RecordingEffects, make_config
