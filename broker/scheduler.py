@@ -51,7 +51,7 @@ from .memory import MemoryReading
 from .pump import Pump
 from .scheduler_types import Action, Daemon, Effects, Request, RequestKey, RequestState
 from .tier_moves import TierMoves, ttl_expiry
-from .transitions import STATE_OF_TIER, TRANSITIONAL
+from .transitions import STATE_OF_TIER, TRANSITIONAL, Cause, check, transition
 
 log = logging.getLogger("modelhost.broker")
 
@@ -209,6 +209,8 @@ class Scheduler:
         daemon = self.daemons.get(name)
         if daemon is None:
             return None
+        if info.get("state"):
+            check(daemon, info["state"], Cause.REPORT)  # before anything of it is taken
         if daemon.identity not in (None, identity):
             # The same name under a new connection: the old process is gone.
             self._fail_running(daemon, "daemon {} was replaced by a new process".format(name))
@@ -318,7 +320,7 @@ class Scheduler:
             daemon.moves[Tier.STOPPED] = daemon.moves.get(Tier.STOPPED, 0) + 1
             self.effects.event("moved", name, tier=Tier.STOPPED, took_s=None, failed=False,
                                memory_bytes=None)
-            daemon.state = DaemonState.STOPPED
+            transition(daemon, DaemonState.STOPPED, Cause.STOPPED)
             daemon.error = None
             self._fail_running(daemon, "daemon {} was stopped".format(name))
             self.pump.answer_unload_waiters(daemon)
@@ -328,7 +330,7 @@ class Scheduler:
         self.effects.event("error", name, level="error", rid=None, code=DaemonCrashed.code,
                            message="lost: " + reason)
         daemon.target = None
-        daemon.state = DaemonState.CRASHED
+        transition(daemon, DaemonState.CRASHED, Cause.LOST)
         daemon.error = reason
         self._fail_running(daemon, "daemon {} (pid {}) died during the call: {}; it is being "
                            "restarted, send the request again".format(name, daemon.pid, reason))
@@ -352,24 +354,24 @@ class Scheduler:
                 status = "backoff"
             if daemon.want_stopped:
                 if status == "stopped":
-                    daemon.state = DaemonState.STOPPED
+                    transition(daemon, DaemonState.STOPPED, Cause.STOPPED)
                 continue
             if status == "failed":
                 if daemon.state != DaemonState.FAILED:
                     self.effects.event("error", name, level="error", rid=None,
                                        code=START_FAILED, message=str(process.get("error")))
-                daemon.state = DaemonState.FAILED
+                transition(daemon, DaemonState.FAILED, Cause.SUPERVISOR)
                 daemon.error = process.get("error")
                 self._fail_queued(daemon, DaemonUnavailable(
                     "daemon {} failed to start: {}".format(name, daemon.error)))
             elif status == "stopped" and daemon.target != Tier.RESIDENT:
-                daemon.state = DaemonState.STOPPED
+                transition(daemon, DaemonState.STOPPED, Cause.SUPERVISOR)
                 self._fail_queued(daemon, DaemonUnavailable("daemon {} is stopped".format(name)))
             elif status == "backoff":
-                daemon.state = DaemonState.CRASHED
+                transition(daemon, DaemonState.CRASHED, Cause.SUPERVISOR)
             elif status in ("running", "starting", "pending") and daemon.state in (
                     DaemonState.STOPPED, DaemonState.FAILED, DaemonState.CRASHED):
-                daemon.state = DaemonState.STARTING
+                transition(daemon, DaemonState.STARTING, Cause.SUPERVISOR)
 
     def on_memory(self, reading: MemoryReading) -> None:
         """A fresh probe reading: peaks of running calls, idle footprints, then admission."""
@@ -462,7 +464,7 @@ class Scheduler:
 
     def _apply_state(self, daemon: Daemon, update: dict) -> None:
         if update.get("state"):
-            daemon.state = update["state"]
+            transition(daemon, update["state"], Cause.REPORT)
         if "error" in update:
             daemon.error = update.get("error")
         if update.get("facts") is not None:
@@ -510,7 +512,7 @@ class Scheduler:
     def _expire(self, request: Request) -> None:
         daemon = self.daemons[request.model]
         message = "the {} did not finish within its timeout".format(
-            "call" if request.action == Action.CALL else request.action)
+            "call" if request.action == Action.CALL else request.action.value)
         if request.state is RequestState.QUEUED:
             self._unqueue(daemon, request)
             self.effects.reply_error(request, Timeout(

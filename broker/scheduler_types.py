@@ -27,7 +27,7 @@ class RequestState(enum.Enum):
     ANSWERED = "answered"  # client has its terminal reply; the daemon has not finished yet
 
 
-class Action:
+class Action(enum.Enum):
     """What a queued request asks for: a call of the engine, or its daemon at a tier."""
 
     CALL = "call"
@@ -55,7 +55,7 @@ class Request:
     # Routing id of that slot's socket: only it may answer for the call, so no
     # other peer on the daemon socket can deliver a result in its name.
     sender: bytes | None = None
-    action: str = Action.CALL
+    action: Action = Action.CALL
     seq: int = 0  # arrival order, for first-come first-served among equals
     # Times a later call started while this one waited for memory.
     skips: int = 0
@@ -77,7 +77,7 @@ class Daemon:
     config: DaemonConfig  # as the configuration file says (concurrency, device, pin, ...)
     # Its config's max_payload, else the broker's.
     max_payload_bytes: int
-    state: str = DaemonState.STARTING
+    state: str = DaemonState.STARTING  # changed only by transitions.transition
     identity: bytes | None = None  # routing id of its control socket, once registered
     # Routing ids of its call slots: one call at a time each, on its own socket.
     slots: list = field(default_factory=list)

@@ -13,7 +13,7 @@ from .accounting import MemoryBook
 from .memory import format_bytes
 from .placement import DEPTH
 from .scheduler_types import Action, Daemon, Effects, Request
-from .transitions import TRANSITIONAL
+from .transitions import TRANSITIONAL, Cause, transition
 
 log = logging.getLogger("modelhost.broker")
 
@@ -71,7 +71,7 @@ class TierMoves:
             self.effects.set_process(daemon, False)
         elif daemon.tier == Tier.STOPPED:
             daemon.want_stopped = False
-            daemon.state = DaemonState.STARTING
+            transition(daemon, DaemonState.STARTING, Cause.START)
             self.effects.set_process(daemon, True)  # it loads once it registers
         else:
             self.effects.set_tier(daemon, target)

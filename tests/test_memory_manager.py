@@ -182,7 +182,8 @@ class World:
     def admin(self, name, action):
         self.next_id += 1
         self.scheduler.on_call(Request(client=CLIENT, id=self.next_id, model=name,
-                                       method=action, forward={}, payloads=[], action=action))
+                                       method=action.value, forward={}, payloads=[],
+                                       action=action))
         return self.next_id
 
     def finish(self, name, rid=None):
@@ -656,7 +657,7 @@ def test_random_histories_keep_the_invariants(ops, pinned, offload, leaky):
                 op[1]].want_stopped:
             world.start(op[1])
         elif kind in ("load", "unload"):
-            asked.append(world.admin(op[1], kind))
+            asked.append(world.admin(op[1], Action(kind)))
         elif kind == "wait":
             world.elapse(op[1])
         check()

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from modelhost.broker.pump import DISPATCH_RETRY_S
 from modelhost.broker.scheduler import Request, RequestState, Scheduler
+from modelhost.broker.transitions import Cause, IllegalTransition, transition
 from modelhost.protocol import DaemonState, Priority
 
 from fakes import FakeClock, RecordingEffects, make_config
@@ -515,6 +516,34 @@ def test_supervisor_report_does_not_override_a_registered_daemon(ready):
     ready.scheduler.on_supervisor_report({"tts": {"status": "failed", "error": "stale"}})
     assert ready.tts.state == DaemonState.READY
     assert ready.tts.process == {"status": "failed", "error": "stale"}
+
+
+def test_a_state_only_the_broker_gives_is_refused_from_a_daemon_report(ready):
+    # crashed, stopped and starting describe the process, which the daemon cannot see.
+    for state in (DaemonState.CRASHED, DaemonState.STOPPED, DaemonState.STARTING):
+        with pytest.raises(IllegalTransition, match="from ready to " + state):
+            ready.scheduler.on_daemon_state("tts", {"state": state})
+        assert ready.tts.state == DaemonState.READY
+    assert ready.take() == []
+
+
+def test_a_registration_with_a_state_no_engine_is_in_takes_nothing_of_it(h):
+    with pytest.raises(IllegalTransition):
+        h.register(state=DaemonState.CRASHED)
+    assert h.tts.identity is None and h.tts.state == DaemonState.STARTING
+    h.register()
+    assert h.tts.serving
+
+
+def test_the_supervisor_starts_only_a_daemon_without_a_process():
+    class Daemon:
+        name, state = "tts", DaemonState.READY
+
+    with pytest.raises(IllegalTransition):
+        transition(Daemon, DaemonState.STARTING, Cause.SUPERVISOR)
+    Daemon.state = DaemonState.CRASHED
+    transition(Daemon, DaemonState.STARTING, Cause.SUPERVISOR)
+    assert Daemon.state == DaemonState.STARTING
 
 
 # --- snapshot ------------------------------------------------------------------
