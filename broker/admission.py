@@ -1,6 +1,7 @@
-"""Memory admission and victim ranking: what a request needs of its device, whether it
-could ever fit, how urgent a waiting request and a daemon's work are, and which
-idle daemons may be moved down for it. placement.py then picks the moves.
+"""Admission and victim ranking: whether a daemon takes a request at all, what the
+request needs of its device and whether it could ever fit, how urgent a waiting
+request and a daemon's work are, and which idle daemons may be moved down for
+it. placement.py then picks the moves.
 
 Pure functions over the scheduler's daemons and the memory book: they decide
 nothing and log nothing; the scheduler acts on what they return.
@@ -8,8 +9,11 @@ nothing and log nothing; the scheduler acts on what they return.
 
 from __future__ import annotations
 
-from modelhost.errors import InsufficientMemory
-from modelhost.protocol import Priority, Tier
+from modelhost.errors import (
+    BadArguments, DaemonUnavailable, InsufficientMemory, ModelhostError, OverCapacity,
+    PayloadTooLarge, UnknownMethod,
+)
+from modelhost.protocol import DaemonState, Priority, Tier
 
 from .accounting import MemoryBook
 from .config import MemoryConfig
@@ -24,6 +28,43 @@ INTERACTIVE = PRIORITY_INDEX[Priority.INTERACTIVE]
 # A daemon made resident for waiting work is evicted only by interactive work
 # until that work has started, or this long has passed.
 FRESH_S = 5.0
+
+
+def refusal_of(book: MemoryBook, daemon: Daemon, request: Request) -> ModelhostError | None:
+    """Why the daemon does not take the request (into its queue), or None."""
+    is_call = request.action == Action.CALL
+    # A failed daemon still takes a load (it retries); a stopped one that
+    # the memory manager did not stop has nobody to start it.
+    unavailable = (DaemonState.FAILED, DaemonState.STOPPED) if is_call else \
+        (DaemonState.STOPPED,) if request.action == Action.LOAD else ()
+    if daemon.identity is None and daemon.process.get("final"):
+        unavailable = (DaemonState.FAILED,) + unavailable  # no process will ever come
+    if daemon.state in unavailable and not daemon.want_stopped:
+        return DaemonUnavailable("daemon {} is {}: {}".format(
+            daemon.name, daemon.state, daemon.error or "see `modelhost ps`"))
+    if is_call and daemon.methods is not None and request.method not in daemon.methods:
+        return UnknownMethod("{} has no method {!r}; it offers: {}".format(
+            daemon.name, request.method, ", ".join(daemon.methods)))
+    if request.payload_bytes > daemon.max_payload_bytes:
+        return PayloadTooLarge(
+            "the request carries {} bytes of payload; {} accepts at most {} (max_payload "
+            "in its config)".format(request.payload_bytes, daemon.name,
+                                    daemon.max_payload_bytes))
+    if daemon.queued() >= daemon.config.max_queue:
+        return OverCapacity(
+            "{} already has {} calls queued (max_queue); retry later or raise max_queue"
+            .format(daemon.name, daemon.queued()))
+    if request.action == Action.UNLOAD and daemon.pinned:
+        return BadArguments(
+            "{} is pinned, so it stays loaded; unpin it first (modelhost unpin {})".format(
+                daemon.name, daemon.name))
+    # A call that can start right away fits; one that will wait learns
+    # now, not at the head of the queue, that it never could.
+    starts_now = (daemon.serving and daemon.target is None and not daemon.queued()
+                  and len(daemon.running) < daemon.config.concurrency)
+    if request.action != Action.UNLOAD and not starts_now:
+        return never_fits(book, daemon, request)
+    return None
 
 
 def needs(daemon: Daemon, request: Request) -> tuple[int, int]:

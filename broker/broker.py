@@ -32,7 +32,8 @@ from .events import OK, EventLog
 from .footprints import STATE_FILE, FootprintStore, fingerprint
 from .memory import MemoryProbe, choose_probe
 from .parking import Parking
-from .scheduler import Action, Request, Scheduler
+from .scheduler import Scheduler
+from .scheduler_types import Action, Ended, Request, Route
 from .sd_notify import Notifier
 from .systemd_daemons import SystemdDaemons
 
@@ -191,7 +192,7 @@ class Broker:
         header = dict(request.forward, op=protocol.CALL, id=request.id, client=request.client)
         if request.deadline is not None:
             header["timeout"] = max(0.0, request.deadline - self.clock())
-        if not self._to_daemon(daemon.slots[request.slot], header, request.payloads):
+        if not self._to_daemon(request.sender, header, request.payloads):
             return False
         # The broker keeps no reference to payloads once they are sent.
         request.payloads = []
@@ -226,43 +227,35 @@ class Broker:
     def reply_result(self, request: Request, value) -> None:
         self._to_client(request.client, {"kind": protocol.RESULT, "id": request.id,
                                          "value": value})
-        self._ended(request, OK)
+        self._ended(request.ended, OK)
 
     def reply_error(self, request: Request, error: ModelhostError) -> None:
         log.info("daemon=%s rid=%s error %s: %s", request.model, request.id, error.code,
                  error.message)
         self._to_client(request.client, error_reply(request.id, error))
-        self._ended(request, error.code, error.message)
+        self._ended(request.ended, error.code, error.message)
 
     def reply_cancelled(self, request: Request, message: str) -> None:
         self._to_client(request.client, {"kind": protocol.CANCELLED, "id": request.id,
                                          "message": message})
-        self._ended(request, Cancelled.code)
+        self._ended(request.ended, Cancelled.code)
 
     def event(self, kind: str, daemon: str | None, **fields) -> None:
         self.events.emit(kind, daemon, **fields)
 
-    def _ended(self, request: Request, outcome: str, message: str | None = None) -> None:
+    def _ended(self, ended: Ended, outcome: str, message: str | None = None) -> None:
         """A request got its one terminal reply: the `request` event (and `error`)."""
-        now = self.clock()
-        started = request.started_at
-        daemon = self.scheduler.daemons.get(request.model)
-        method = request.method
-        if daemon is None or (daemon.methods is not None and method not in daemon.methods
-                              and method not in (protocol.LOAD, protocol.UNLOAD)):
-            method = None  # not a method it has: no label of its own
+        request = ended.request
         rid = str(request.id)
-        queue_s = (now if started is None else started) - request.enqueued_at
-        run_s = None if started is None else now - started
         if log.isEnabledFor(logging.DEBUG):  # once per call: no formatting unless shown
             log.debug("daemon=%s rid=%s %s %s: queued %.3fs, ran %s", request.model, rid,
-                      request.method, outcome, queue_s, "-" if run_s is None else
-                      "{:.3f}s".format(run_s))
-        name = request.model if daemon is not None else None
-        self.events.emit("request", name, method=method, rid=rid, priority=request.priority,
-                         outcome=outcome, queue_s=queue_s, run_s=run_s)
+                      request.method, outcome, ended.queue_s, "-" if ended.run_s is None else
+                      "{:.3f}s".format(ended.run_s))
+        self.events.emit("request", ended.daemon, method=ended.method, rid=rid,
+                         priority=request.priority, outcome=outcome, queue_s=ended.queue_s,
+                         run_s=ended.run_s)
         if message is not None:
-            self.events.emit("error", name, level="warning", rid=rid, code=outcome,
+            self.events.emit("error", ended.daemon, level="warning", rid=rid, code=outcome,
                              message=message)
 
     def _publish_event(self, event: dict) -> None:
@@ -270,17 +263,17 @@ class Broker:
 
     def _announce_states(self) -> None:
         """A `state` event for each daemon whose state or tier changed since the last look."""
-        for daemon in self.scheduler.daemons.values():
-            now = (daemon.state, daemon.tier)
-            before = self.announced.get(daemon.name)
+        for name, state, tier, error in self.scheduler.daemon_states():
+            now = (state, tier)
+            before = self.announced.get(name)
             if now == before:
                 continue
-            self.announced[daemon.name] = now
+            self.announced[name] = now
             level = {DaemonState.FAILED: "error", DaemonState.CRASHED: "warning"}.get(
-                daemon.state, "info")
-            self.events.emit("state", daemon.name, level=level, state=daemon.state,
-                             previous=None if before is None else before[0], tier=daemon.tier,
-                             error=daemon.error)
+                state, "info")
+            self.events.emit("state", name, level=level, state=state,
+                             previous=None if before is None else before[0], tier=tier,
+                             error=error)
 
     def _to_client(self, client: bytes, header: dict, *, hold: bool = True) -> None:
         self._to_client_frames(client, protocol.encode(header), hold=hold)
@@ -366,17 +359,15 @@ class Broker:
             self.on_tier_request(client, op, header)
         elif op in (protocol.PIN, protocol.UNPIN):
             name = header["model"]
-            if name not in self.scheduler.daemons:
-                self._to_client(client, error_reply(request_id, UnknownModel(
-                    "no model named {!r}; this broker serves: {}".format(
-                        name, ", ".join(self.scheduler.daemons) or "none"))))
+            try:
+                row = self.scheduler.set_pinned(name, op == protocol.PIN)
+            except UnknownModel as error:
+                self._to_client(client, error_reply(request_id, error))
                 return
-            self.scheduler.set_pinned(name, op == protocol.PIN)
             self.store.pins[name] = op == protocol.PIN
             self.store.mark_dirty()
             self.store.save()
-            self._to_client(client, {"kind": protocol.RESULT, "id": request_id,
-                                     "value": self.scheduler.row(name)})
+            self._to_client(client, {"kind": protocol.RESULT, "id": request_id, "value": row})
         elif op == protocol.SUPERVISOR:
             if self.supervisor_token is None or not hmac.compare_digest(
                     header["token"], self.supervisor_token):
@@ -458,14 +449,7 @@ class Broker:
         if not (isinstance(kind, str) and kind in protocol.TERMINAL_KINDS
                 and isinstance(client, bytes) and protocol.is_request_id(request_id)):
             return
-        request = self.scheduler.request_from(identity, client, request_id)
-        if request is None:
-            return
-        if self.scheduler.on_reply(request.model, request.client, request.id, True, None,
-                                   identity):
-            self.reply_error(request, InternalError(
-                "daemon {} sent a malformed reply; its log and the broker's have the details"
-                .format(request.model)))
+        self.scheduler.on_malformed_reply(identity, client, request_id)
 
     def _on_daemon_message(self, identity: bytes, name: str | None, header: dict) -> None:
         op = header["op"]
@@ -490,35 +474,30 @@ class Broker:
 
     def on_register(self, identity: bytes, header: dict) -> None:
         name = header["name"]
-        holder = self.scheduler.daemons.get(name)
-        if holder is not None and holder.identity not in (None, identity) \
-                and self._process_alive(holder):
-            # Another socket under a live daemon's name (whatever pid it claims:
-            # a pid is only its word): the live one keeps it, so a stray or
-            # hostile peer cannot take its calls. A restarted daemon comes
-            # with a new pid after the old one's pidfd said it exited.
-            log.error("daemon=%s refused a registration from pid %s (%r): pid %s is alive and "
-                      "registered under that name", name, header["pid"], identity, holder.pid)
-            self._to_daemon(identity, error_reply(None, BadMessage(
-                "daemon {} is registered by pid {}, which is alive; stop it first, or give "
-                "this daemon another name".format(name, holder.pid))))
+        # Another socket under a live daemon's name: the live one keeps it, so a
+        # stray or hostile peer cannot take its calls.
+        refusal = self.scheduler.refuse_registration(name, identity, self._pid_exited(name))
+        if refusal is not None:
+            log.error("daemon=%s refused a registration from pid %s (%r): %s", name,
+                      header["pid"], identity, refusal.message)
+            self._to_daemon(identity, error_reply(None, refusal))
             return
-        daemon = self.scheduler.on_daemon_registered(name, identity, header)
-        if daemon is None:
+        registered = self.scheduler.on_daemon_registered(name, identity, header)
+        if registered is None:
             log.error("daemon=%s registered, but the configuration has no such daemon; "
                       "ignoring it", name)
             return
         for peer in [peer for peer, owner in self.peers.items() if owner == name]:
             del self.peers[peer]
         self.peers[identity] = name
-        self.peers.update((slot, name) for slot in daemon.slots)
+        self.peers.update((slot, name) for slot in registered.slots)
         log.info("daemon=%s registered: pid %s, %s, state %s, %d calls running",
-                 name, daemon.pid, daemon.interpreter, daemon.state,
+                 name, registered.pid, registered.interpreter, registered.state,
                  len(header.get("running") or []))
-        self._watch_pid(name, daemon.pid)
+        self._watch_pid(name, registered.pid)
         self._read_memory()
         # Replies its slots sent before this registration (a restarted broker).
-        for slot in daemon.slots:
+        for slot in registered.slots:
             for held in self.held_from_slots.release(slot):
                 self.on_backend([zmq.Frame(slot)] + held)
 
@@ -537,12 +516,12 @@ class Broker:
                 while len(self.delivered_unclaimed) > DELIVERED_REMEMBERED:
                     self.delivered_unclaimed.popitem(last=False)
 
-    def _process_alive(self, daemon) -> bool:
-        """Whether the daemon's registered process still runs: its pidfd, else its heartbeats."""
-        fd = next((fd for fd, watched in self.pidfds.items() if watched == daemon.name), None)
-        if fd is not None:
-            return not select.select([fd], [], [], 0)[0]  # a pidfd turns readable at exit
-        return self.clock() - daemon.last_seen <= self.config.broker.daemon_expiry_s
+    def _pid_exited(self, name: str) -> bool | None:
+        """Whether the watched process of daemon `name` exited; None when none is watched."""
+        fd = next((fd for fd, watched in self.pidfds.items() if watched == name), None)
+        if fd is None:
+            return None
+        return bool(select.select([fd], [], [], 0)[0])  # a pidfd turns readable at exit
 
     def on_daemon_reply(self, identity: bytes, name: str | None, header: dict,
                         body: list) -> None:
@@ -556,25 +535,24 @@ class Broker:
             return
         client = header["client"]
         terminal = header["kind"] in protocol.TERMINAL_KINDS
-        request = self.scheduler.request_from(identity, client, header["id"])
-        if self.scheduler.on_reply(name, client, header["id"], terminal,
-                                   header.get("mem") if terminal else None, identity):
-            if request is None:
-                if not self.unclaimed.hold(client, body, self.clock(),
-                                           tag=(header["id"], terminal)):
-                    log.error("daemon=%s rid=%s dropped a reply for a call this broker does "
-                              "not know: no room to hold it", name, header["id"])
-                return
+        route, ended = self.scheduler.on_reply(name, client, header["id"], terminal,
+                                               header.get("mem") if terminal else None,
+                                               identity)
+        if route is Route.UNCLAIMED:
+            if not self.unclaimed.hold(client, body, self.clock(), tag=(header["id"], terminal)):
+                log.error("daemon=%s rid=%s dropped a reply for a call this broker does "
+                          "not know: no room to hold it", name, header["id"])
+        elif route is Route.FORWARD:
             # The daemon's header frame goes to the client unchanged.
             self._to_client_frames(client, body)
-            if terminal:
+            if ended is not None:
                 kind = header["kind"]
                 if kind == protocol.RESULT:
-                    self._ended(request, OK)
+                    self._ended(ended, OK)
                 elif kind == protocol.CANCELLED:
-                    self._ended(request, Cancelled.code)
+                    self._ended(ended, Cancelled.code)
                 else:
-                    self._ended(request, header["code"], header.get("message") or "")
+                    self._ended(ended, header["code"], header.get("message") or "")
 
     # --- daemon processes ---------------------------------------------------
 
@@ -648,10 +626,10 @@ class Broker:
             log.info("metrics at %smetrics, dashboard at %s", self.web.url, self.web.url)
         next_publish = self.clock()
         self.systemd.ready("serving {} daemons; clients at {}".format(
-            len(self.scheduler.daemons), self.config.broker.frontend))
+            len(self.config.daemons), self.config.broker.frontend))
         while not self.stopping:
             # While calls run, the probe samples them for their peaks.
-            busy = any(d.running for d in self.scheduler.daemons.values())
+            busy = self.scheduler.has_running_calls()
             if busy and next_sample is None:
                 next_sample = self.clock() + sample_s
             elif not busy:
@@ -722,9 +700,8 @@ class Broker:
             log.error("the supervising process %s is gone; stopping", self.parent_pid)
             self.stopping = True
             return
-        for daemon in self.scheduler.daemons.values():
-            if daemon.identity is not None:
-                self._to_daemon(daemon.identity, {"op": protocol.HEARTBEAT})
+        for identity in self.scheduler.control_sockets():
+            self._to_daemon(identity, {"op": protocol.HEARTBEAT})
         if self.units is not None:
             report = self.units.poll()
             if report:
@@ -748,9 +725,8 @@ class Broker:
             log.warning("dropped a reply from %r: no daemon registered that socket", slot)
 
     def _read_memory(self) -> None:
-        pids = [d.pid for d in self.scheduler.daemons.values() if d.identity is not None and d.pid]
         try:
-            reading = self.probe.read(pids)
+            reading = self.probe.read(self.scheduler.registered_pids())
         except Exception:
             # The probe failing must not stop routing: admission goes on with
             # the last reading and the footprints.

@@ -22,7 +22,9 @@ from .admission import effective_class, needs, never_fits, victims
 from .config import MemoryConfig
 from .memory import format_bytes
 from .placement import plan_room
-from .scheduler_types import Action, Daemon, Effects, Request, RequestKey, RequestState
+from .scheduler_types import (
+    Action, Daemon, Effects, Replies, Request, RequestKey, RequestState,
+)
 from .tier_moves import TierMoves, load_cause
 from .transitions import TRANSITIONAL
 
@@ -45,14 +47,15 @@ class Pump:
     """Starts queued requests, loads daemons for them and makes room; run after each event."""
 
     def __init__(self, daemons: dict[str, Daemon], requests: dict[RequestKey, Request],
-                 book: MemoryBook, memory: MemoryConfig, effects: Effects, moves: TierMoves,
-                 clock: Callable[[], float], row: Callable[[str], dict]):
+                 book: MemoryBook, memory: MemoryConfig, effects: Effects, replies: Replies,
+                 moves: TierMoves, clock: Callable[[], float], row: Callable[[str], dict]):
         # The scheduler's own dictionaries: the pump takes requests out of them.
         self.daemons = daemons
         self.requests = requests
         self.book = book
         self.memory = memory
         self.effects = effects
+        self.replies = replies
         self.moves = moves
         self.clock = clock
         self.row = row  # a daemon's `ps` row, the value of load and unload replies
@@ -149,7 +152,7 @@ class Pump:
             if request.action == Action.LOAD:
                 daemon.pop(request)
                 self.requests.pop(request.key, None)
-                self.effects.reply_result(request, self.row(daemon.name))
+                self.replies.result(request, self.row(daemon.name))
                 return Outcome.ANSWERED
             slot = next(iter(daemon.free_slots()), None)
             if slot is None:
@@ -186,7 +189,7 @@ class Pump:
         if never is not None:
             daemon.pop(request)
             self.requests.pop(request.key, None)
-            self.effects.reply_error(request, never)
+            self.replies.error(request, never)
             return Outcome.ANSWERED
         if not may_plan:
             return Outcome.WAITING_MEMORY
@@ -248,4 +251,4 @@ class Pump:
         waiters, daemon.unload_waiters = daemon.unload_waiters, []
         for request in waiters:
             self.requests.pop(request.key, None)
-            self.effects.reply_result(request, self.row(daemon.name))
+            self.replies.result(request, self.row(daemon.name))

@@ -30,26 +30,29 @@ Contracts:
 
 from __future__ import annotations
 
-import heapq
 import logging
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any, Callable
 
 from modelhost.errors import (
-    BadArguments, BadMessage, DaemonCrashed, DaemonUnavailable, ModelhostError, OverCapacity,
-    PayloadTooLarge, Timeout, UnknownMethod, UnknownModel,
+    BadMessage, DaemonCrashed, DaemonUnavailable, InternalError, ModelhostError, Timeout,
+    UnknownModel,
 )
 from modelhost.protocol import DaemonState, Tier
 
 from .accounting import MemoryBook
-from .admission import never_fits
+from .admission import refusal_of
 from .config import Config
 from .daemon_rows import daemon_row, shown_state
 from .events import LOAD_FAILED, START_FAILED
 from .footprints import Footprint
 from .memory import MemoryReading
 from .pump import Pump
-from .scheduler_types import Action, Daemon, Effects, Request, RequestKey, RequestState
+from .scheduler_types import (
+    Action, Daemon, Deadlines, Effects, Registered, Replies, Request, RequestKey, RequestState,
+    Route, Routing,
+)
 from .tier_moves import TierMoves, ttl_expiry
 from .transitions import STATE_OF_TIER, TRANSITIONAL, Cause, check, transition
 
@@ -77,6 +80,7 @@ class Scheduler:
             daemon.footprint.declared_peak = daemon.config.declared_peak
             daemon.pinned = (pins or {}).get(name, daemon.config.pin)
         self.effects = effects
+        self.replies = Replies(effects, self.daemons, clock)
         self.clock = clock
         self.daemon_expiry_s = broker.daemon_expiry_s
         self.client_expiry_s = broker.client_liveness_s
@@ -84,17 +88,15 @@ class Scheduler:
         self.requests: dict[RequestKey, Request] = {}
         self.moves = TierMoves(self.book, effects, clock, self.daemon_expiry_s)
         self.pump = Pump(self.daemons, self.requests, self.book, broker.memory, effects,
-                         self.moves, clock, self.row)
+                         self.replies, self.moves, clock, self.row)
         # client identity -> last time it said anything; a silent client's
         # queued work is dropped so nobody computes for a dead process.
         self.clients: dict[bytes, float] = {}
-        # (deadline, tie-breaker, request): the request itself, so a deadline
-        # can never hit a later request that reuses a finished one's id.
-        self._deadlines: list[tuple[float, int, Request]] = []
+        self._deadlines = Deadlines(lambda request: self.requests.get(request.key) is request
+                                    and request.state is not RequestState.ANSWERED)
         # Calls answered `daemon_crashed` whose daemon may only have been
         # silent: a late word from it must not become a second terminal reply.
         self._abandoned: OrderedDict[RequestKey, None] = OrderedDict()
-        self._deadline_seq = 0
         self._arrivals = 0
         self._pins_changed = False  # the broker saves them
 
@@ -106,56 +108,17 @@ class Scheduler:
     def on_call(self, request: Request) -> None:
         daemon = self.daemons.get(request.model)
         if request.key in self.requests:
-            self.effects.reply_error(request, BadMessage(
+            self.replies.error(request, BadMessage(
                 "request id {!r} is already in use by this client; use a new id per request"
                 .format(request.id)))
             return
         if daemon is None:
-            self.effects.reply_error(request, UnknownModel(
-                "no model named {!r}; this broker serves: {}".format(
-                    request.model, ", ".join(self.daemons) or "none")))
+            self.replies.error(request, self._unknown_model(request.model))
             return
-        is_call = request.action == Action.CALL
-        # A failed daemon still takes a load (it retries); a stopped one that
-        # the memory manager did not stop has nobody to start it.
-        unavailable = (DaemonState.FAILED, DaemonState.STOPPED) if is_call else \
-            (DaemonState.STOPPED,) if request.action == Action.LOAD else ()
-        if daemon.identity is None and daemon.process.get("final"):
-            unavailable = (DaemonState.FAILED,) + unavailable  # no process will ever come
-        if daemon.state in unavailable and not daemon.want_stopped:
-            self.effects.reply_error(request, DaemonUnavailable("daemon {} is {}: {}".format(
-                daemon.name, daemon.state, daemon.error or "see `modelhost ps`")))
+        refusal = refusal_of(self.book, daemon, request)
+        if refusal is not None:
+            self.replies.error(request, refusal)
             return
-        if is_call and daemon.methods is not None and request.method not in daemon.methods:
-            self.effects.reply_error(request, UnknownMethod(
-                "{} has no method {!r}; it offers: {}".format(
-                    daemon.name, request.method, ", ".join(daemon.methods))))
-            return
-        if request.payload_bytes > daemon.max_payload_bytes:
-            self.effects.reply_error(request, PayloadTooLarge(
-                "the request carries {} bytes of payload; {} accepts at most {} (max_payload "
-                "in its config)".format(request.payload_bytes, daemon.name,
-                                        daemon.max_payload_bytes)))
-            return
-        if daemon.queued() >= daemon.config.max_queue:
-            self.effects.reply_error(request, OverCapacity(
-                "{} already has {} calls queued (max_queue); retry later or raise max_queue"
-                .format(daemon.name, daemon.queued())))
-            return
-        if request.action == Action.UNLOAD and daemon.pinned:
-            self.effects.reply_error(request, BadArguments(
-                "{} is pinned, so it stays loaded; unpin it first (modelhost unpin {})".format(
-                    daemon.name, daemon.name)))
-            return
-        # A call that can start right away fits; one that will wait learns
-        # now, not at the head of the queue, that it never could.
-        starts_now = (daemon.serving and daemon.target is None and not daemon.queued()
-                      and len(daemon.running) < daemon.config.concurrency)
-        if request.action != Action.UNLOAD and not starts_now:
-            never = never_fits(self.book, daemon, request)
-            if never is not None:
-                self.effects.reply_error(request, never)
-                return
         request.enqueued_at = self.clock()
         self._arrivals += 1
         request.seq = self._arrivals
@@ -166,8 +129,7 @@ class Scheduler:
         else:
             daemon.queues[request.priority].append(request)
         if request.deadline is not None:
-            self._deadline_seq += 1
-            heapq.heappush(self._deadlines, (request.deadline, self._deadline_seq, request))
+            self._deadlines.add(request)
         self.pump.run()
 
     def on_cancel(self, client: bytes, request_id: Any) -> None:
@@ -177,35 +139,55 @@ class Scheduler:
         daemon = self.daemons[request.model]
         if request.state is RequestState.QUEUED:
             self._unqueue(daemon, request)
-            self.effects.reply_cancelled(request, "cancelled before it started")
+            self.replies.cancelled(request, "cancelled before it started")
             self.pump.run()
         else:
             # The daemon stops cooperatively and answers `cancelled` itself.
             self.effects.cancel_remote(daemon, request)
 
-    def request_from(self, sender: bytes, client: bytes, request_id: Any) -> Request | None:
-        """The running request `sender` may answer for, or None."""
-        request = self.requests.get((client, request_id))
-        if request is None or request.sender not in (None, sender):
-            return None
-        return request
-
     def knows(self, client: bytes, request_id: Any) -> bool:
         request = self.requests.get((client, request_id))
         return request is not None and request.state is not RequestState.ANSWERED
 
-    def set_pinned(self, name: str, pinned: bool) -> Daemon:
-        daemon = self.daemons[name]
+    def set_pinned(self, name: str, pinned: bool) -> dict:
+        """Pin or unpin a daemon; its row after the change. UnknownModel for no such daemon."""
+        daemon = self.daemons.get(name)
+        if daemon is None:
+            raise self._unknown_model(name)
         if daemon.pinned != pinned:
             daemon.pinned = pinned
             self._pins_changed = True
             log.info("daemon=%s %s", name, "pinned: never evicted" if pinned else "unpinned")
             self.pump.run()
-        return daemon
+        return self.row(name)
+
+    def _unknown_model(self, name: str) -> UnknownModel:
+        return UnknownModel("no model named {!r}; this broker serves: {}".format(
+            name, ", ".join(self.daemons) or "none"))
 
     # --- daemon events -------------------------------------------------------
 
-    def on_daemon_registered(self, name: str, identity: bytes, info: dict) -> Daemon | None:
+    def refuse_registration(self, name: str, identity: bytes,
+                            exited: bool | None) -> BadMessage | None:
+        """Why a registration under `name` from socket `identity` is refused, or None.
+
+        A live daemon keeps its name: another socket may not take it while the
+        registered process lives (`exited`: what the broker's pidfd of it says;
+        None without one, and then its heartbeats decide). Whatever pid the
+        newcomer claims is only its word.
+        """
+        daemon = self.daemons.get(name)
+        if daemon is None or daemon.identity in (None, identity):
+            return None
+        alive = not exited if exited is not None else \
+            self.clock() - daemon.last_seen <= self.daemon_expiry_s
+        if not alive:
+            return None  # a restarted daemon, whose old process the pidfd saw exit
+        return BadMessage("daemon {} is registered by pid {}, which is alive; stop it first, "
+                          "or give this daemon another name".format(name, daemon.pid))
+
+    def on_daemon_registered(self, name: str, identity: bytes, info: dict) -> Registered | None:
+        """A daemon's process (re)registered; None for a name the configuration lacks."""
         daemon = self.daemons.get(name)
         if daemon is None:
             return None
@@ -218,42 +200,26 @@ class Scheduler:
         if daemon.identity != identity:
             daemon.preload_tried = False  # a new process, or a restarted broker
             self.pump.preload_due = True
-        daemon.identity = identity
-        daemon.last_seen = now
-        daemon.pid = info.get("pid")
-        daemon.interpreter = info.get("interpreter")
-        daemon.python = info.get("python")
-        daemon.engine = info.get("engine")
-        daemon.methods = list(info.get("methods") or [])
-        daemon.slots = list(info.get("slots") or [identity] * daemon.config.concurrency)
-        daemon.retry_at = 0.0
-        daemon.started_at = now - float(info.get("uptime_s") or 0.0)
-        daemon.want_stopped = False
-        daemon.tiers = tuple(info.get("tiers") or (Tier.RESIDENT, Tier.UNLOADED))
-        if not daemon.last_used:
-            daemon.last_used = now
-        tier = info.get("tier")
-        if tier not in Tier.ALL:
-            # A runtime that does not speak of tiers is loaded when ready.
-            tier = Tier.RESIDENT if info.get("state") in (DaemonState.READY,
-                                                         DaemonState.BUSY) else Tier.UNLOADED
-        daemon.tier = tier
         target = daemon.target
-        daemon.target = None
-        self._apply_state(daemon, info)
+        daemon.take_registration(identity, info, now)
+        # Calls still running in a daemon that registers with a restarted broker.
         for call in info.get("running") or []:
-            self._adopt(daemon, call)
+            key = (call.get("client"), call.get("id"))
+            if key in self.requests or key in self._abandoned or not isinstance(key[0], bytes):
+                continue
+            request = daemon.adopt(call, now)
+            self.requests[key] = daemon.running[key] = request
         if target == Tier.RESIDENT and daemon.tier != Tier.RESIDENT:
             # Started to serve a waiting request: its room is still reserved.
             self.moves.move(daemon, Tier.RESIDENT, "started for a waiting request", "request")
         self.pump.run()
         self._note_ready(daemon)
-        return daemon
+        return Registered(daemon.pid, tuple(daemon.slots), daemon.interpreter, daemon.state)
 
     def on_daemon_state(self, name: str, update: dict) -> None:
         daemon = self.daemons[name]
         daemon.last_seen = self.clock()
-        self._apply_state(daemon, update)
+        daemon.take_report(update)
         tier = update.get("tier")
         if tier not in Tier.ALL:
             # A runtime that does not name its tier: its state says it.
@@ -278,8 +244,9 @@ class Scheduler:
             daemon.mem = mem
 
     def on_reply(self, name: str | None, client: bytes, request_id: Any,
-                 terminal: bool, mem: dict | None = None, sender: bytes | None = None) -> bool:
-        """A daemon's reply for a call; True when it should be forwarded to the client.
+                 terminal: bool, mem: dict | None = None, sender: bytes | None = None) -> Routing:
+        """A daemon's reply for a call: where it goes, and for a terminal reply that
+        is forwarded, what ended.
 
         `sender` is the socket it came from: a reply for a call from any socket
         but the slot the call was dispatched to is refused.
@@ -289,21 +256,38 @@ class Scheduler:
                 and sender != request.sender:
             log.warning("daemon=%s rid=%s refused a reply from %r: the call runs on %r",
                         request.model, request_id, sender, request.sender)
-            return False
+            return Routing(Route.DROP)
         if request is None:
             if (client, request_id) in self._abandoned:
-                return False  # its caller already has `daemon_crashed`
+                return Routing(Route.DROP)  # its caller already has `daemon_crashed`
             # Unknown here (this broker restarted mid-call): the daemon's word
             # is the only copy of the answer, so pass it on.
-            return True
-        forward = request.state is RequestState.RUNNING
+            return Routing(Route.UNCLAIMED)
+        if request.state is not RequestState.RUNNING:
+            route = Routing(Route.DROP)  # answered early: its client has its reply
+        elif terminal:
+            route = Routing(Route.FORWARD, self.replies.end(request))
+        else:
+            route = Routing(Route.FORWARD)
         if terminal:
             daemon = self.daemons.get(request.model)
             if daemon is not None and request.key in daemon.running:
                 self.moves.call_ended(daemon, request, mem)
             self._finish(request)
             self.pump.run()
-        return forward
+        return route
+
+    def on_malformed_reply(self, sender: bytes, client: bytes, request_id: Any) -> None:
+        """A terminal reply from `sender` that is unusable: its call, if `sender` runs it,
+        still ends, with an internal error in the reply's place."""
+        request = self.requests.get((client, request_id))
+        if request is None or request.sender not in (None, sender):
+            return
+        if self.on_reply(request.model, client, request_id, True, None, sender).route \
+                is Route.FORWARD:
+            self.replies.error(request, InternalError(
+                "daemon {} sent a malformed reply; its log and the broker's have the details"
+                .format(request.model)))
 
     def on_daemon_lost(self, name: str, reason: str) -> None:
         """The daemon's process died or fell silent: fail its calls, wait for its restart."""
@@ -390,11 +374,10 @@ class Scheduler:
     # --- time ---------------------------------------------------------------
 
     def next_wakeup(self) -> float | None:
-        while self._deadlines and self._stale_deadline(self._deadlines[0]):
-            heapq.heappop(self._deadlines)
         times = [d.retry_at for d in self.daemons.values() if d.retry_at]
-        if self._deadlines:
-            times.append(self._deadlines[0][0])
+        deadline = self._deadlines.next()
+        if deadline is not None:
+            times.append(deadline)
         if self.pump.waiting:
             times.append(self.clock() + WAIT_RECHECK_S)
         for daemon in self.daemons.values():
@@ -405,10 +388,8 @@ class Scheduler:
 
     def on_tick(self) -> None:
         now = self.clock()
-        while self._deadlines and self._deadlines[0][0] <= now:
-            entry = heapq.heappop(self._deadlines)
-            if not self._stale_deadline(entry):
-                self._expire(entry[2])
+        for request in self._deadlines.due(now):
+            self._expire(request)
         for daemon in self.daemons.values():
             if daemon.identity is not None and now - daemon.last_seen > self.daemon_expiry_s:
                 self.on_daemon_lost(daemon.name, "no heartbeat for {:.1f}s".format(
@@ -423,6 +404,24 @@ class Scheduler:
             if now - seen > self.client_expiry_s:
                 self._drop_client(client)
         self.pump.run()
+
+    # --- what the broker asks ------------------------------------------------
+
+    def daemon_states(self) -> Iterator[tuple[str, str, str, str | None]]:
+        """(name, state, tier, last error) of each daemon, in configuration order."""
+        for daemon in self.daemons.values():
+            yield daemon.name, daemon.state, daemon.tier, daemon.error
+
+    def control_sockets(self) -> list[bytes]:
+        """The control socket of each registered daemon (heartbeats go there)."""
+        return [d.identity for d in self.daemons.values() if d.identity is not None]
+
+    def registered_pids(self) -> list[int]:
+        """The pid of each registered daemon, for the memory probe."""
+        return [d.pid for d in self.daemons.values() if d.identity is not None and d.pid]
+
+    def has_running_calls(self) -> bool:
+        return any(d.running for d in self.daemons.values())
 
     def take_dirty(self) -> bool:
         """Whether footprints or pins changed since the last call (the broker saves them)."""
@@ -457,44 +456,10 @@ class Scheduler:
         waiters, daemon.unload_waiters = daemon.unload_waiters, []
         for request in waiters:
             self.requests.pop(request.key, None)
-            self.effects.reply_error(request, DaemonCrashed(
+            self.replies.error(request, DaemonCrashed(
                 "daemon {} was lost while unloading: {}".format(daemon.name, reason)))
 
     # --- internals -----------------------------------------------------------
-
-    def _apply_state(self, daemon: Daemon, update: dict) -> None:
-        if update.get("state"):
-            transition(daemon, update["state"], Cause.REPORT)
-        if "error" in update:
-            daemon.error = update.get("error")
-        if update.get("facts") is not None:
-            daemon.facts = update["facts"]
-        if update.get("loads") is not None:
-            daemon.loads = update["loads"]
-        if isinstance(update.get("mem"), dict):
-            daemon.mem = update["mem"]
-
-    def _adopt(self, daemon: Daemon, call: dict) -> None:
-        """A call still running in a daemon that registers with a restarted broker."""
-        key = (call.get("client"), call.get("id"))
-        if key in self.requests or key in self._abandoned or not isinstance(key[0], bytes):
-            return
-        slot = call.get("slot")
-        # Its replies come from the slot it runs on, whatever index it is counted under.
-        sender = daemon.slots[slot] if isinstance(slot, int) and 0 <= slot < len(daemon.slots) \
-            else None
-        free = daemon.free_slots()
-        if slot not in free:
-            # A register that does not say which slot: take the first free one
-            # so the call still counts against the concurrency limit.
-            slot = free[0] if free else None
-        request = Request(client=key[0], id=key[1], model=daemon.name,
-                          method=call.get("method") or "?", forward={}, payloads=[],
-                          state=RequestState.RUNNING, enqueued_at=self.clock(),
-                          started_at=self.clock(), slot=slot, sender=sender)
-        request.reserved = daemon.footprint.peak(request.method)
-        self.requests[key] = request
-        daemon.running[key] = request
 
     def _unqueue(self, daemon: Daemon, request: Request) -> None:
         if request.action == Action.UNLOAD:
@@ -515,18 +480,18 @@ class Scheduler:
             "call" if request.action == Action.CALL else request.action.value)
         if request.state is RequestState.QUEUED:
             self._unqueue(daemon, request)
-            self.effects.reply_error(request, Timeout(
+            self.replies.error(request, Timeout(
                 message + " (it was still queued; {} is {}, {} running and {} queued)".format(
                     daemon.name, daemon.state, len(daemon.running), daemon.queued())))
             return
         request.state = RequestState.ANSWERED
-        self.effects.reply_error(request, Timeout(message + "; the daemon was told to stop it"))
+        self.replies.error(request, Timeout(message + "; the daemon was told to stop it"))
         self.effects.cancel_remote(daemon, request)
 
     def _fail_running(self, daemon: Daemon, message: str) -> None:
         for request in list(daemon.running.values()):
             if request.state is RequestState.RUNNING:
-                self.effects.reply_error(request, DaemonCrashed(message))
+                self.replies.error(request, DaemonCrashed(message))
             self._finish(request)
             self._abandoned[request.key] = None
             while len(self._abandoned) > ABANDONED_REMEMBERED:
@@ -537,7 +502,7 @@ class Scheduler:
             while queue:
                 request = queue.popleft()
                 self.requests.pop(request.key, None)
-                self.effects.reply_error(request, error)
+                self.replies.error(request, error)
 
     def _drop_client(self, client: bytes) -> None:
         del self.clients[client]
@@ -551,8 +516,3 @@ class Scheduler:
                          request.id)
                 request.state = RequestState.ANSWERED
                 self.effects.cancel_remote(daemon, request)
-
-    def _stale_deadline(self, entry: tuple[float, int, Request]) -> bool:
-        request = entry[2]
-        return (self.requests.get(request.key) is not request
-                or request.state is RequestState.ANSWERED)

@@ -1,22 +1,28 @@
-"""The scheduler's types: requests, daemons as the scheduler sees them, and the
-`Effects` interface through which it acts.
+"""The scheduler's types: requests, daemons as the scheduler sees them, the
+`Effects` interface through which it acts, and what it tells the broker.
 
 The scheduler (scheduler.py) changes these objects; the broker reads the ones
-an effect hands it (a Request to reply to, a Daemon to send to).
+an effect hands it (a Request to reply to, a Daemon to send to), and what the
+scheduler returns (`Ended`, `Routing`, `Registered`); it never reaches into the
+scheduler's dictionaries.
 """
 
 from __future__ import annotations
 
 import enum
+import heapq
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
+from modelhost import protocol
 from modelhost.errors import ModelhostError
 from modelhost.protocol import DaemonState, Priority, Tier
 
 from .config import DaemonConfig
 from .footprints import Footprint
+from .transitions import Cause, check, transition
 
 RequestKey = tuple[bytes, Any]  # (client identity, request id)
 
@@ -65,10 +71,60 @@ class Request:
     base_usage: int = 0
     base_cuda: int | None = None
     peak_seen: int = 0
+    # Set by the scheduler as the request gets its terminal reply.
+    ended: Ended | None = None
 
     @property
     def key(self) -> RequestKey:
         return (self.client, self.id)
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A request that got its terminal reply, as its `request` event reports it."""
+
+    request: Request
+    daemon: str | None  # the daemon it was for; None: no daemon of that name here
+    # Its method where that is a method of its daemon's (or load, unload); None
+    # for anything else, which gets no label of its own.
+    method: str | None
+    queue_s: float  # from its arrival to its start, or to its end if it never started
+    run_s: float | None  # from its start to its end; None if it never started
+
+
+def ended(request: Request, daemon: Daemon | None, now: float) -> Ended:
+    started = request.started_at
+    method = request.method
+    if daemon is None or (daemon.methods is not None and method not in daemon.methods
+                          and method not in (protocol.LOAD, protocol.UNLOAD)):
+        method = None
+    return Ended(request, None if daemon is None else daemon.name, method,
+                 (now if started is None else started) - request.enqueued_at,
+                 None if started is None else now - started)
+
+
+class Route(enum.Enum):
+    """Where a daemon's reply goes."""
+
+    FORWARD = "forward"  # to the client of the call it answers
+    # A call this broker does not know (it restarted): held until the client's
+    # next ping says whether it still waits for it.
+    UNCLAIMED = "unclaimed"
+    DROP = "drop"  # refused (not from the call's slot), or its caller is answered already
+
+
+class Routing(NamedTuple):
+    route: Route
+    ended: Ended | None = None  # a forwarded terminal reply: what its request event reports
+
+
+class Registered(NamedTuple):
+    """What the broker needs of a daemon that registered."""
+
+    pid: int | None
+    slots: tuple  # routing ids of its call slots: its sockets besides the control socket
+    interpreter: str | None
+    state: str
 
 
 @dataclass(eq=False)
@@ -141,12 +197,76 @@ class Daemon:
     def serving(self) -> bool:
         return self.identity is not None and self.state == DaemonState.READY
 
+    def take_registration(self, identity: bytes, info: dict, now: float) -> None:
+        """What its register message says: its process, sockets, methods, tier and state.
+
+        The state is checked first (transitions.check), so a refused one takes
+        nothing of the message.
+        """
+        if info.get("state"):
+            check(self, info["state"], Cause.REPORT)
+        self.identity = identity
+        self.last_seen = now
+        self.pid = info.get("pid")
+        self.interpreter = info.get("interpreter")
+        self.python = info.get("python")
+        self.engine = info.get("engine")
+        self.methods = list(info.get("methods") or [])
+        self.slots = list(info.get("slots") or [identity] * self.config.concurrency)
+        self.retry_at = 0.0
+        self.started_at = now - float(info.get("uptime_s") or 0.0)
+        self.want_stopped = False
+        self.tiers = tuple(info.get("tiers") or (Tier.RESIDENT, Tier.UNLOADED))
+        if not self.last_used:
+            self.last_used = now
+        tier = info.get("tier")
+        if tier not in Tier.ALL:
+            # A runtime that does not speak of tiers is loaded when ready.
+            tier = Tier.RESIDENT if info.get("state") in (DaemonState.READY,
+                                                         DaemonState.BUSY) else Tier.UNLOADED
+        self.tier = tier
+        self.target = None
+        self.take_report(info)
+
+    def take_report(self, update: dict) -> None:
+        """What a register or state message says of its engine."""
+        if update.get("state"):
+            transition(self, update["state"], Cause.REPORT)
+        if "error" in update:
+            self.error = update.get("error")
+        if update.get("facts") is not None:
+            self.facts = update["facts"]
+        if update.get("loads") is not None:
+            self.loads = update["loads"]
+        if isinstance(update.get("mem"), dict):
+            self.mem = update["mem"]
+
+    def adopt(self, call: dict, now: float) -> Request:
+        """The request of a call it is running, as its register lists it."""
+        slot = call.get("slot")
+        # Its replies come from the slot it runs on, whatever index it is counted under.
+        sender = self.slots[slot] if isinstance(slot, int) and 0 <= slot < len(self.slots) \
+            else None
+        free = self.free_slots()
+        if slot not in free:
+            # A register that does not say which slot: take the first free one
+            # so the call still counts against the concurrency limit.
+            slot = free[0] if free else None
+        request = Request(client=call["client"], id=call.get("id"), model=self.name,
+                          method=call.get("method") or "?", forward={}, payloads=[],
+                          state=RequestState.RUNNING, enqueued_at=now, started_at=now,
+                          slot=slot, sender=sender)
+        request.reserved = self.footprint.peak(request.method)
+        return request
+
 
 class Effects(Protocol):
-    # False when the request's slot is not connected (yet): it is queued again.
+    # To `request.sender`, the slot chosen for it. False when that socket is
+    # not connected (yet): the request is queued again.
     def dispatch(self, daemon: Daemon, request: Request) -> bool | None: ...
     def cancel_remote(self, daemon: Daemon, request: Request) -> None: ...
-    # The broker puts the error's code and message on the wire.
+    # A request's terminal reply; `request.ended` is set (see Replies). The
+    # broker puts the error's code and message on the wire.
     def reply_error(self, request: Request, error: ModelhostError) -> None: ...
     def reply_cancelled(self, request: Request, message: str) -> None: ...
     def reply_result(self, request: Request, value: Any) -> None: ...
@@ -155,3 +275,60 @@ class Effects(Protocol):
     def set_process(self, daemon: Daemon, running: bool) -> None: ...
     # Something people watch for happened (broker/events.py lists the kinds).
     def event(self, kind: str, daemon: str | None, **fields: Any) -> None: ...
+
+
+class Replies:
+    """The scheduler's terminal replies: the one way it answers a request, each with
+    the request's `ended` filled in first."""
+
+    def __init__(self, effects: Effects, daemons: dict[str, Daemon], clock: Callable[[], float]):
+        self.effects = effects
+        self.daemons = daemons
+        self.clock = clock
+
+    def end(self, request: Request) -> Ended:
+        request.ended = ended(request, self.daemons.get(request.model), self.clock())
+        return request.ended
+
+    def error(self, request: Request, error: ModelhostError) -> None:
+        self.end(request)
+        self.effects.reply_error(request, error)
+
+    def result(self, request: Request, value: Any) -> None:
+        self.end(request)
+        self.effects.reply_result(request, value)
+
+    def cancelled(self, request: Request, message: str) -> None:
+        self.end(request)
+        self.effects.reply_cancelled(request, message)
+
+
+class Deadlines:
+    """The requests that have a deadline, soonest first.
+
+    Each entry holds the request itself, so a deadline can never hit a later
+    request that reuses a finished one's id; `live(request)` says whether a
+    request's deadline still counts (it is still known and not answered).
+    """
+
+    def __init__(self, live: Callable[[Request], bool]):
+        self._heap: list[tuple[float, int, Request]] = []  # (deadline, tie-breaker, request)
+        self._added = 0
+        self._live = live
+
+    def add(self, request: Request) -> None:
+        self._added += 1
+        heapq.heappush(self._heap, (request.deadline, self._added, request))
+
+    def next(self) -> float | None:
+        """The soonest deadline that still counts."""
+        while self._heap and not self._live(self._heap[0][2]):
+            heapq.heappop(self._heap)
+        return self._heap[0][0] if self._heap else None
+
+    def due(self, now: float) -> Iterator[Request]:
+        """The requests whose deadline has come, each taken off as it is yielded."""
+        while self._heap and self._heap[0][0] <= now:
+            request = heapq.heappop(self._heap)[2]
+            if self._live(request):
+                yield request

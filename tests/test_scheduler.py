@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 from modelhost.broker.pump import DISPATCH_RETRY_S
 from modelhost.broker.scheduler import Request, RequestState, Scheduler
+from modelhost.broker.scheduler_types import Route
 from modelhost.broker.transitions import Cause, IllegalTransition, transition
+from modelhost.errors import UnknownModel
 from modelhost.protocol import DaemonState, Priority
 
 from fakes import FakeClock, RecordingEffects, make_config
@@ -54,7 +56,8 @@ class Harness:
         return self.scheduler.on_daemon_registered("tts", b"tts:%d:control" % pid, info)
 
     def reply(self, rid, terminal=True, client=ALICE, name="tts"):
-        return self.scheduler.on_reply(name, client, rid, terminal)
+        """Whether the daemon's reply goes on to the client (now, or when its ping asks)."""
+        return self.scheduler.on_reply(name, client, rid, terminal).route is not Route.DROP
 
     def take(self):
         return self.effects.take()
@@ -546,6 +549,60 @@ def test_the_supervisor_starts_only_a_daemon_without_a_process():
     assert Daemon.state == DaemonState.STARTING
 
 
+# --- what the broker learns of the scheduler -------------------------------------
+
+
+def test_a_forwarded_terminal_reply_says_what_ended(ready):
+    ready.clock.advance(1.0)
+    ready.call(1)
+    ready.clock.advance(2.0)
+    assert ready.scheduler.on_reply("tts", ALICE, 1, terminal=False) == (Route.FORWARD, None)
+    route, ended = ready.scheduler.on_reply("tts", ALICE, 1, terminal=True)
+    assert route is Route.FORWARD
+    assert (ended.daemon, ended.method, ended.request.id) == ("tts", "speak", 1)
+    assert (ended.queue_s, ended.run_s) == (0.0, 2.0)
+
+
+def test_a_reply_for_a_call_this_broker_does_not_know_is_unclaimed(h):
+    assert h.scheduler.on_reply("tts", ALICE, 9, terminal=True) == (Route.UNCLAIMED, None)
+
+
+def test_each_terminal_reply_of_the_scheduler_says_what_ended(h):
+    unknown = h.call(1, model="nope")
+    h.register()
+    no_such_method = h.call(2, method="sing")  # the daemon has no such method
+    assert [effect[0] for effect in h.take()] == ["reply_error", "reply_error"]
+    assert (unknown.ended.daemon, unknown.ended.method, unknown.ended.run_s) == (
+        None, None, None)
+    assert (no_such_method.ended.daemon, no_such_method.ended.method) == ("tts", None)
+
+
+def test_a_second_socket_may_not_take_the_name_of_a_live_daemon(ready):
+    refusal = ready.scheduler.refuse_registration("tts", b"stranger", None)
+    assert refusal.code == "bad_message" and "registered by pid 100" in refusal.message
+    assert ready.scheduler.refuse_registration("tts", b"stranger", False) is not None
+    assert ready.scheduler.refuse_registration("tts", b"tts:100:control", None) is None
+    assert ready.scheduler.refuse_registration("tts", b"stranger", True) is None  # it exited
+    ready.clock.advance(3.5)  # silent for longer than the daemon expiry
+    assert ready.scheduler.refuse_registration("tts", b"stranger", None) is None
+
+
+def test_pinning_a_model_that_is_not_configured_is_refused(h):
+    with pytest.raises(UnknownModel, match="this broker serves: tts"):
+        h.scheduler.set_pinned("nope", True)
+    assert h.scheduler.set_pinned("tts", True)["pinned"] is True
+
+
+def test_a_malformed_reply_from_the_calls_slot_ends_it_with_an_internal_error(ready):
+    ready.call(1)
+    ready.take()
+    ready.scheduler.on_malformed_reply(b"stranger", ALICE, 1)
+    assert ready.take() == [] and ready.scheduler.knows(ALICE, 1)
+    ready.scheduler.on_malformed_reply(b"tts:100:s0", ALICE, 1)
+    assert ready.take() == [("reply_error", 1, "internal")]
+    assert not ready.scheduler.knows(ALICE, 1)
+
+
 # --- snapshot ------------------------------------------------------------------
 
 
@@ -711,7 +768,8 @@ class World:
         rid = list(process.in_flight)[pick % len(process.in_flight)]
         if terminal:
             del process.in_flight[rid]  # its slot is free once the daemon has sent this
-        forwarded = self.scheduler.on_reply(name, self.client_of[rid], rid, terminal)
+        forwarded = self.scheduler.on_reply(name, self.client_of[rid], rid,
+                                            terminal).route is not Route.DROP
         if terminal and forwarded:
             self.terminals[rid] += 1
         elif forwarded:
