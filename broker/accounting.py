@@ -31,11 +31,15 @@ class MemoryBook:
         # Looked up on every dispatch: by id, not by a scan of the reading.
         self._devices: dict[str, DeviceMemory] = {}
         self._first_device: str | None = None
+        # device id -> the daemons on it, worked out once per reading (their
+        # devices are configured, or the reading's first).
+        self._on_device: dict[str, list[Daemon]] = {}
 
     def update(self, reading: MemoryReading) -> None:
         self.reading = reading
         self._devices = {device.id: device for device in reading.devices}
         self._first_device = reading.devices[0].id if reading.devices else None
+        self._on_device = {}
 
     def limit(self, device_id: str | None) -> DeviceLimit | None:
         if device_id is None:
@@ -77,7 +81,11 @@ class MemoryBook:
         return accounted if measured is None else max(accounted, measured)
 
     def on_device(self, device: DeviceMemory) -> list[Daemon]:
-        return [d for d in self.daemons.values() if self.device_id(d) == device.id]
+        daemons = self._on_device.get(device.id)
+        if daemons is None:
+            daemons = self._on_device[device.id] = [
+                d for d in self.daemons.values() if self.device_id(d) == device.id]
+        return daemons
 
     def external(self, device: DeviceMemory, counted: bool = True) -> int:
         """Memory on the device held by processes other than the daemons.

@@ -50,17 +50,18 @@ def refusal_of(book: MemoryBook, daemon: Daemon, request: Request) -> ModelhostE
             "the request carries {} bytes of payload; {} accepts at most {} (max_payload "
             "in its config)".format(request.payload_bytes, daemon.name,
                                     daemon.max_payload_bytes))
-    if daemon.queued() >= daemon.config.max_queue:
+    queued = daemon.queued()
+    if queued >= daemon.config.max_queue:
         return OverCapacity(
             "{} already has {} calls queued (max_queue); retry later or raise max_queue"
-            .format(daemon.name, daemon.queued()))
+            .format(daemon.name, queued))
     if request.action == Action.UNLOAD and daemon.pinned:
         return BadArguments(
             "{} is pinned, so it stays loaded; unpin it first (modelhost unpin {})".format(
                 daemon.name, daemon.name))
     # A call that can start right away fits; one that will wait learns
     # now, not at the head of the queue, that it never could.
-    starts_now = (daemon.serving and daemon.target is None and not daemon.queued()
+    starts_now = (daemon.serving and daemon.target is None and not queued
                   and len(daemon.running) < daemon.config.concurrency)
     if request.action != Action.UNLOAD and not starts_now:
         return never_fits(book, daemon, request)

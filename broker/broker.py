@@ -33,7 +33,7 @@ from .footprints import STATE_FILE, FootprintStore, fingerprint
 from .memory import MemoryProbe, choose_probe
 from .parking import Parking
 from .scheduler import Scheduler
-from .scheduler_types import Action, Ended, Request, Route
+from .scheduler_types import Action, Request, Route
 from .sd_notify import Notifier
 from .systemd_daemons import SystemdDaemons
 
@@ -227,35 +227,35 @@ class Broker:
     def reply_result(self, request: Request, value) -> None:
         self._to_client(request.client, {"kind": protocol.RESULT, "id": request.id,
                                          "value": value})
-        self._ended(request.ended, OK)
+        self._ended(request, OK)
 
     def reply_error(self, request: Request, error: ModelhostError) -> None:
         log.info("daemon=%s rid=%s error %s: %s", request.model, request.id, error.code,
                  error.message)
         self._to_client(request.client, error_reply(request.id, error))
-        self._ended(request.ended, error.code, error.message)
+        self._ended(request, error.code, error.message)
 
     def reply_cancelled(self, request: Request, message: str) -> None:
         self._to_client(request.client, {"kind": protocol.CANCELLED, "id": request.id,
                                          "message": message})
-        self._ended(request.ended, Cancelled.code)
+        self._ended(request, Cancelled.code)
 
     def event(self, kind: str, daemon: str | None, **fields) -> None:
         self.events.emit(kind, daemon, **fields)
 
-    def _ended(self, ended: Ended, outcome: str, message: str | None = None) -> None:
-        """A request got its one terminal reply: the `request` event (and `error`)."""
-        request = ended.request
+    def _ended(self, request: Request, outcome: str, message: str | None = None) -> None:
+        """A request got its one terminal reply: the `request` event (and `error`), from
+        what the scheduler says ended (`request.ended`)."""
+        daemon, method, queue_s, run_s = request.ended
         rid = str(request.id)
         if log.isEnabledFor(logging.DEBUG):  # once per call: no formatting unless shown
             log.debug("daemon=%s rid=%s %s %s: queued %.3fs, ran %s", request.model, rid,
-                      request.method, outcome, ended.queue_s, "-" if ended.run_s is None else
-                      "{:.3f}s".format(ended.run_s))
-        self.events.emit("request", ended.daemon, method=ended.method, rid=rid,
-                         priority=request.priority, outcome=outcome, queue_s=ended.queue_s,
-                         run_s=ended.run_s)
+                      request.method, outcome, queue_s, "-" if run_s is None else
+                      "{:.3f}s".format(run_s))
+        self.events.emit("request", daemon, method=method, rid=rid, priority=request.priority,
+                         outcome=outcome, queue_s=queue_s, run_s=run_s)
         if message is not None:
-            self.events.emit("error", ended.daemon, level="warning", rid=rid, code=outcome,
+            self.events.emit("error", daemon, level="warning", rid=rid, code=outcome,
                              message=message)
 
     def _publish_event(self, event: dict) -> None:
@@ -535,7 +535,7 @@ class Broker:
             return
         client = header["client"]
         terminal = header["kind"] in protocol.TERMINAL_KINDS
-        route, ended = self.scheduler.on_reply(name, client, header["id"], terminal,
+        route, request = self.scheduler.on_reply(name, client, header["id"], terminal,
                                                header.get("mem") if terminal else None,
                                                identity)
         if route is Route.UNCLAIMED:
@@ -545,14 +545,14 @@ class Broker:
         elif route is Route.FORWARD:
             # The daemon's header frame goes to the client unchanged.
             self._to_client_frames(client, body)
-            if ended is not None:
+            if request is not None:
                 kind = header["kind"]
                 if kind == protocol.RESULT:
-                    self._ended(ended, OK)
+                    self._ended(request, OK)
                 elif kind == protocol.CANCELLED:
-                    self._ended(ended, Cancelled.code)
+                    self._ended(request, Cancelled.code)
                 else:
-                    self._ended(ended, header["code"], header.get("message") or "")
+                    self._ended(request, header["code"], header.get("message") or "")
 
     # --- daemon processes ---------------------------------------------------
 

@@ -246,7 +246,7 @@ class Scheduler:
     def on_reply(self, name: str | None, client: bytes, request_id: Any,
                  terminal: bool, mem: dict | None = None, sender: bytes | None = None) -> Routing:
         """A daemon's reply for a call: where it goes, and for a terminal reply that
-        is forwarded, what ended.
+        is forwarded, its request, with what ended.
 
         `sender` is the socket it came from: a reply for a call from any socket
         but the slot the call was dispatched to is refused.
@@ -266,7 +266,8 @@ class Scheduler:
         if request.state is not RequestState.RUNNING:
             route = Routing(Route.DROP)  # answered early: its client has its reply
         elif terminal:
-            route = Routing(Route.FORWARD, self.replies.end(request))
+            self.replies.end(request)
+            route = Routing(Route.FORWARD, request)
         else:
             route = Routing(Route.FORWARD)
         if terminal:

@@ -71,7 +71,8 @@ class Request:
     base_usage: int = 0
     base_cuda: int | None = None
     peak_seen: int = 0
-    # Set by the scheduler as the request gets its terminal reply.
+    # Set by the scheduler as the request gets its terminal reply. (It names no
+    # request: a cycle would keep every request alive until the garbage collector ran.)
     ended: Ended | None = None
 
     @property
@@ -79,11 +80,9 @@ class Request:
         return (self.client, self.id)
 
 
-@dataclass(frozen=True)
-class Ended:
-    """A request that got its terminal reply, as its `request` event reports it."""
+class Ended(NamedTuple):
+    """How a request that got its terminal reply ended, as its `request` event reports it."""
 
-    request: Request
     daemon: str | None  # the daemon it was for; None: no daemon of that name here
     # Its method where that is a method of its daemon's (or load, unload); None
     # for anything else, which gets no label of its own.
@@ -98,7 +97,7 @@ def ended(request: Request, daemon: Daemon | None, now: float) -> Ended:
     if daemon is None or (daemon.methods is not None and method not in daemon.methods
                           and method not in (protocol.LOAD, protocol.UNLOAD)):
         method = None
-    return Ended(request, None if daemon is None else daemon.name, method,
+    return Ended(None if daemon is None else daemon.name, method,
                  (now if started is None else started) - request.enqueued_at,
                  None if started is None else now - started)
 
@@ -115,7 +114,8 @@ class Route(enum.Enum):
 
 class Routing(NamedTuple):
     route: Route
-    ended: Ended | None = None  # a forwarded terminal reply: what its request event reports
+    # A forwarded terminal reply: its request, whose `ended` is set.
+    request: Request | None = None
 
 
 class Registered(NamedTuple):
@@ -177,7 +177,7 @@ class Daemon:
     fresh_since: float | None = None
 
     def queued(self) -> int:
-        return sum(len(q) for q in self.queues.values())
+        return sum(map(len, self.queues.values()))
 
     def free_slots(self) -> list[int]:
         """Indexes of its slots that run no call, up to its concurrency."""

@@ -557,10 +557,10 @@ def test_a_forwarded_terminal_reply_says_what_ended(ready):
     ready.call(1)
     ready.clock.advance(2.0)
     assert ready.scheduler.on_reply("tts", ALICE, 1, terminal=False) == (Route.FORWARD, None)
-    route, ended = ready.scheduler.on_reply("tts", ALICE, 1, terminal=True)
-    assert route is Route.FORWARD
-    assert (ended.daemon, ended.method, ended.request.id) == ("tts", "speak", 1)
-    assert (ended.queue_s, ended.run_s) == (0.0, 2.0)
+    route, request = ready.scheduler.on_reply("tts", ALICE, 1, terminal=True)
+    assert route is Route.FORWARD and request.id == 1
+    assert (request.ended.daemon, request.ended.method) == ("tts", "speak")
+    assert (request.ended.queue_s, request.ended.run_s) == (0.0, 2.0)
 
 
 def test_a_reply_for_a_call_this_broker_does_not_know_is_unclaimed(h):
