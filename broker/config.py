@@ -27,7 +27,8 @@ from typing import Any, Callable
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from modelhost.protocol import Priority, default_runtime_dir
+from modelhost.local import default_runtime_dir
+from modelhost.protocol import Priority
 
 __all__ = [
     "ConfigError", "RestartPolicy", "DaemonConfig", "DeviceLimit", "MemoryConfig",

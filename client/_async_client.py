@@ -8,7 +8,7 @@ import zmq.asyncio
 
 from . import _curve
 from . import _messages as m
-from . import protocol
+from . import local, protocol
 from ._client import ClientState
 from .errors import BrokerUnavailable, StateError, Timeout
 from .models import AsyncModelCalls
@@ -25,7 +25,7 @@ class AsyncClient(AsyncModelCalls):
 
     def __init__(self, endpoint=None, timeout=None, broker_timeout=10.0, context=None, *,
                  curve=None):
-        self.endpoint = endpoint or protocol.default_endpoint()
+        self.endpoint = endpoint or local.default_endpoint()
         curve_keys = _curve.client_keys(curve)
         self.timeout = timeout
         self.broker_timeout = broker_timeout

@@ -8,7 +8,7 @@ import zmq
 
 from . import _curve
 from . import _messages as m
-from . import protocol
+from . import local, protocol
 from .errors import BrokerUnavailable, StateError, Timeout
 from .models import ModelCalls
 
@@ -78,7 +78,7 @@ class Client(ModelCalls):
 
     def __init__(self, endpoint=None, timeout=None, broker_timeout=10.0, context=None, *,
                  curve=None):
-        self.endpoint = endpoint or protocol.default_endpoint()
+        self.endpoint = endpoint or local.default_endpoint()
         self._curve_keys = _curve.client_keys(curve)
         # Default per-call timeout in seconds (None: calls may run for ever).
         self.timeout = timeout

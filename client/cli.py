@@ -16,7 +16,7 @@ import time
 import wave
 from pathlib import Path
 
-from . import _curve, protocol
+from . import _curve, local, protocol
 from ._client import Client
 from .errors import ModelhostError
 
@@ -38,7 +38,7 @@ def _endpoint(args):
             os.environ[_curve.SERVER_KEY_ENV] = str(broker.curve.secret_key)
             os.environ[_curve.CLIENT_KEY_ENV] = str(broker.curve.secret_key)
         return broker.frontend
-    return protocol.default_endpoint()
+    return local.default_endpoint()
 
 
 # --- up and setup (broker side) ------------------------------------------------
@@ -115,7 +115,7 @@ def cmd_install_systemd(args):
 
 def cmd_up(args):
     config = _load_config_or_exit(args.config)
-    protocol.configure_logging("supervisor", config.broker.log_level)
+    local.configure_logging("supervisor", config.broker.log_level)
     setup_failed = {}
     if not args.no_setup:
         # Idempotent and quick when nothing changed; on a fresh machine this

@@ -51,7 +51,7 @@ import traceback
 
 import zmq
 
-from modelhost import protocol
+from modelhost import local, protocol
 from modelhost.errors import (BadArguments, Cancelled, ModelhostError, PayloadTooLarge,
                               error_from_wire)
 
@@ -620,7 +620,7 @@ class Runtime(object):
             "op": protocol.REGISTER,
             "name": self.name,
             "pid": os.getpid(),
-            "interpreter": protocol.interpreter_description(),
+            "interpreter": local.interpreter_description(),
             "python": "{}.{}.{}".format(*sys.version_info[:3]),
             "engine": self.spec.get("engine"),
             "methods": sorted(self.operations),
