@@ -31,7 +31,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from modelhost.protocol import DaemonState, Priority, Tier
+from modelhost.protocol import MOVING_STATE, STATE_OF_TIER, DaemonState, Priority, Tier
 
 from .accounting import MemoryBook
 from .footprints import Footprint
@@ -49,13 +49,6 @@ WAIT_RECHECK_S = 0.25
 # Daemon states while an engine moves between tiers.
 TRANSITIONAL = frozenset((DaemonState.LOADING, DaemonState.OFFLOADING,
                           DaemonState.ONLOADING, DaemonState.UNLOADING))
-STATE_OF_TIER = {Tier.RESIDENT: DaemonState.READY, Tier.OFFLOADED: DaemonState.OFFLOADED,
-                 Tier.UNLOADED: DaemonState.UNLOADED, Tier.STOPPED: DaemonState.STOPPED}
-MOVING_STATE = {(Tier.UNLOADED, Tier.RESIDENT): DaemonState.LOADING,
-                (Tier.OFFLOADED, Tier.RESIDENT): DaemonState.ONLOADING,
-                (Tier.RESIDENT, Tier.OFFLOADED): DaemonState.OFFLOADING,
-                (Tier.RESIDENT, Tier.UNLOADED): DaemonState.UNLOADING,
-                (Tier.OFFLOADED, Tier.UNLOADED): DaemonState.UNLOADING}
 FRESH_S = 5.0
 # A move down that frees less than this share of what it should is reported.
 SHORTFALL_SHARE = 0.5

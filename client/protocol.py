@@ -98,6 +98,17 @@ class Tier:
     ALL = (RESIDENT, OFFLOADED, UNLOADED, STOPPED)
 
 
+# The state a daemon shows at rest at each tier, and while it moves between two
+# (the daemon reports them; the broker expects them).
+STATE_OF_TIER = {Tier.RESIDENT: DaemonState.READY, Tier.OFFLOADED: DaemonState.OFFLOADED,
+                 Tier.UNLOADED: DaemonState.UNLOADED, Tier.STOPPED: DaemonState.STOPPED}
+MOVING_STATE = {(Tier.UNLOADED, Tier.RESIDENT): DaemonState.LOADING,
+                (Tier.OFFLOADED, Tier.RESIDENT): DaemonState.ONLOADING,
+                (Tier.RESIDENT, Tier.OFFLOADED): DaemonState.OFFLOADING,
+                (Tier.RESIDENT, Tier.UNLOADED): DaemonState.UNLOADING,
+                (Tier.OFFLOADED, Tier.UNLOADED): DaemonState.UNLOADING}
+
+
 class Priority:
     INTERACTIVE = "interactive"
     NORMAL = "normal"

@@ -247,17 +247,11 @@ def release_memory():
 Tier = protocol.Tier
 State = protocol.DaemonState
 
-# (from tier, to tier) -> (engine method, state while it runs)
-_STEPS = {
-    (Tier.UNLOADED, Tier.RESIDENT): ("load", State.LOADING),
-    (Tier.OFFLOADED, Tier.RESIDENT): ("onload", State.ONLOADING),
-    (Tier.RESIDENT, Tier.OFFLOADED): ("offload", State.OFFLOADING),
-    (Tier.RESIDENT, Tier.UNLOADED): ("unload", State.UNLOADING),
-    (Tier.OFFLOADED, Tier.UNLOADED): ("unload", State.UNLOADING),
-}
+# The engine method that makes a move, by the state the daemon shows while it
+# runs (protocol.MOVING_STATE: which moves there are).
+_HOOKS = {State.LOADING: "load", State.ONLOADING: "onload", State.OFFLOADING: "offload",
+          State.UNLOADING: "unload"}
 _DOWNWARD = ("offload", "unload")
-_STATE_AT = {Tier.RESIDENT: State.READY, Tier.OFFLOADED: State.OFFLOADED,
-             Tier.UNLOADED: State.UNLOADED}
 
 
 def can_offload(engine):
@@ -545,7 +539,8 @@ class Runtime(object):
         current = self.tier
         if target == current:
             return self._state_message(took_s=0.0)
-        step, moving = _STEPS.get((current, target), (None, None))
+        moving = protocol.MOVING_STATE.get((current, target))
+        step = _HOOKS.get(moving)
         try:
             if self.engine is None:
                 raise RuntimeError(self.error)  # the engine could not even be created
@@ -583,7 +578,7 @@ class Runtime(object):
                 release_memory()
             except Exception as exc:
                 log.warning("releasing memory after %s failed: %s", step, exc)
-        self.tier, self.state = target, _STATE_AT[target]
+        self.tier, self.state = target, protocol.STATE_OF_TIER[target]
         return self._state_message(took_s=time.monotonic() - started)
 
     def _failed(self, step, target, exc, started):
@@ -594,7 +589,7 @@ class Runtime(object):
             # shows why, and a later {"tier": "resident"} tries again.
             self.state, self.tier, failed = State.FAILED, Tier.UNLOADED, None
         elif self.state != State.FAILED:
-            self.state = _STATE_AT[self.tier]
+            self.state = protocol.STATE_OF_TIER[self.tier]
         log.error("%s", self.error)
         return self._state_message(took_s=time.monotonic() - started, failed=failed)
 
