@@ -24,7 +24,8 @@ import zmq
 
 from modelhost import protocol
 from modelhost.protocol import DaemonState
-from modelhost.errors import ModelhostError
+from modelhost.errors import (BadMessage, InternalError, ModelhostError, UnknownModel,
+                              error_from_wire)
 
 from .config import Config
 from .curve import Curve
@@ -197,10 +198,9 @@ class Broker:
     # --- effects (called by the scheduler) ----------------------------------
 
     def dispatch(self, daemon, request: Request) -> bool:
-        header = dict(request.forward, op=protocol.CALL, id=request.id, client=request.client)
-        if request.deadline is not None:
-            header["timeout"] = max(0.0, request.deadline - self.clock())
-        if not self._to_daemon(daemon.slots[request.slot], header, request.payloads):
+        timeout = None if request.deadline is None else max(0.0, request.deadline - self.clock())
+        if not self._to_daemon(daemon.slots[request.slot], protocol.dispatch_message(
+                request.id, request.client, request.forward, request.payloads, timeout)):
             return False
         # The broker keeps no reference to payloads once they are sent.
         request.payloads = []
@@ -208,12 +208,11 @@ class Broker:
 
     def cancel_remote(self, daemon, request: Request) -> None:
         if daemon.identity is not None:
-            self._to_daemon(daemon.identity, {"op": protocol.CANCEL, "id": request.id,
-                                              "client": request.client})
+            self._to_daemon(daemon.identity, protocol.cancel_message(request.id, request.client))
 
-    def _to_daemon(self, identity: bytes, header: dict, payloads=()) -> bool:
+    def _to_daemon(self, identity: bytes, frames: list) -> bool:
         try:
-            protocol.send(self.backend, [identity] + protocol.encode(header, payloads))
+            protocol.send(self.backend, [identity] + frames)
             return True
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
@@ -222,7 +221,7 @@ class Broker:
 
     def set_tier(self, daemon, tier: str) -> None:
         if daemon.identity is not None:
-            self._to_daemon(daemon.identity, {"op": protocol.TIER, "tier": tier})
+            self._to_daemon(daemon.identity, protocol.tier_message(tier))
 
     def set_process(self, daemon, running: bool) -> None:
         if running:
@@ -233,18 +232,17 @@ class Broker:
             self.units.set_running(daemon.name, running)
 
     def reply_result(self, request: Request, value) -> None:
-        self._to_client(request.client, {"kind": protocol.RESULT, "id": request.id,
-                                         "value": value})
+        self._to_client(request.client, protocol.result_reply(request.id, value))
         self._ended(request, "ok")
 
     def reply_error(self, request: Request, code: str, message: str) -> None:
         log.info("daemon=%s rid=%s error %s: %s", request.model, request.id, code, message)
-        self._to_client(request.client, protocol.error_header(request.id, code, message))
+        self._to_client(request.client,
+                        protocol.error_reply(request.id, error_from_wire(code, message)))
         self._ended(request, code, message)
 
     def reply_cancelled(self, request: Request, message: str) -> None:
-        self._to_client(request.client, {"kind": protocol.CANCELLED, "id": request.id,
-                                         "message": message})
+        self._to_client(request.client, protocol.cancelled_reply(request.id, message))
         self._ended(request, "cancelled")
 
     def event(self, kind: str, daemon: str | None, **fields) -> None:
@@ -290,10 +288,7 @@ class Broker:
                              previous=None if before is None else before[0], tier=daemon.tier,
                              error=daemon.error)
 
-    def _to_client(self, client: bytes, header: dict, *, hold: bool = True) -> None:
-        self._to_client_frames(client, protocol.encode(header), hold=hold)
-
-    def _to_client_frames(self, client: bytes, frames: list, *, hold: bool = True) -> None:
+    def _to_client(self, client: bytes, frames: list, *, hold: bool = True) -> None:
         """Send to a client, or hold the message until it reconnects (see parking.py).
 
         `hold=False` for what is stale by the time a client comes back (a pong).
@@ -333,14 +328,14 @@ class Broker:
             header, payloads = protocol.decode(frames)
             protocol.check_request(header)
         except ModelhostError as exc:
-            # Malformed: answered, and nothing of it reaches the scheduler.
-            self._to_client(client, protocol.error_header(exc.details.get("id"), exc.code,
-                                                          exc.message))
+            # Malformed: answered, and nothing of it reaches the scheduler. The
+            # request id travels in the details only so far: the reply names it.
+            self._to_client(client, protocol.error_reply(exc.details.pop("id", None), exc))
             return
         self.scheduler.on_client_seen(client)
         # The client is (back) on the line: what was kept for it goes first.
         for held in self.held_for_clients.release(client):
-            self._to_client_frames(client, held)
+            self._to_client(client, held)
         op = header["op"]
         try:
             self._on_request(client, op, header, payloads)
@@ -348,9 +343,8 @@ class Broker:
             # A bug, not bad input (that was refused above): the request still
             # gets its one terminal reply, and the loop goes on.
             log.exception("internal error while handling a client %s; answered `internal`", op)
-            self._to_client(client, protocol.error_header(
-                header.get("id"), "internal", "the broker failed on this {} (a bug; its log "
-                "has the details)".format(op)))
+            self._to_client(client, protocol.error_reply(header.get("id"), InternalError(
+                "the broker failed on this {} (a bug; its log has the details)".format(op))))
 
     def _on_request(self, client: bytes, op: str, header: dict, payloads: list) -> None:
         request_id = header["id"]
@@ -366,38 +360,35 @@ class Broker:
             # the calls it is running, so "unknown" now means lost.
             settled = self.clock() - self.started > self.scheduler.daemon_expiry_s + \
                 self.config.broker.heartbeat_s
-            self._to_client(client, {"kind": protocol.PONG, "id": request_id, "known": known,
-                                     "broker": self.instance, "settled": settled}, hold=False)
+            self._to_client(client, protocol.pong_reply(request_id, known, self.instance,
+                                                        settled), hold=False)
         elif op == protocol.PS:
-            self._to_client(client, {"kind": protocol.RESULT, "id": request_id,
-                                     "value": self.status()})
+            self._to_client(client, protocol.result_reply(request_id, self.status()))
         elif op in (protocol.LOAD, protocol.UNLOAD):
             self.on_tier_request(client, op, header)
         elif op in (protocol.PIN, protocol.UNPIN):
             name = header["model"]
             if name not in self.scheduler.daemons:
-                self._to_client(client, protocol.error_header(
-                    request_id, "unknown_model", "no model named {!r}; this broker serves: {}"
-                    .format(name, ", ".join(self.scheduler.daemons) or "none")))
+                self._to_client(client, protocol.error_reply(request_id, UnknownModel(
+                    "no model named {!r}; this broker serves: {}".format(
+                        name, ", ".join(self.scheduler.daemons) or "none"))))
                 return
             self.scheduler.set_pinned(name, op == protocol.PIN)
             self.store.pins[name] = op == protocol.PIN
             self.store.mark_dirty()
             self.store.save()
-            self._to_client(client, {"kind": protocol.RESULT, "id": request_id,
-                                     "value": self.scheduler.row(name)})
+            self._to_client(client, protocol.result_reply(request_id, self.scheduler.row(name)))
         elif op == protocol.SUPERVISOR:
             if self.supervisor_token is None or not hmac.compare_digest(
                     header["token"], self.supervisor_token):
                 log.warning("refused a supervisor report from a client that is not this "
                             "broker's supervisor")
-                self._to_client(client, protocol.error_header(
-                    request_id, "bad_message", "supervisor reports come only from the "
-                    "supervisor that started this broker (`modelhost up`)"))
+                self._to_client(client, protocol.error_reply(request_id, BadMessage(
+                    "supervisor reports come only from the supervisor that started this "
+                    "broker (`modelhost up`)")))
                 return
             self.scheduler.on_supervisor_report(header["processes"])
-            self._to_client(client, {"kind": protocol.RESULT, "id": request_id,
-                                     "value": self.status()})
+            self._to_client(client, protocol.result_reply(request_id, self.status()))
 
     def on_tier_request(self, client: bytes, op: str, header: dict) -> None:
         """`modelhost load/unload NAME`: a request answered once the daemon is at the tier."""
@@ -413,8 +404,7 @@ class Broker:
         timeout = header.get("timeout")
         request = Request(
             client=client, id=header["id"], model=header["model"], method=header["method"],
-            forward={"method": header["method"], "args": header.get("args", {}),
-                     "stream": header.get("stream", False)},
+            forward=protocol.call_forward(header),
             payloads=payloads,
             payload_bytes=sum(len(frame) for frame in payloads),
             priority=header.get("priority", protocol.Priority.NORMAL), enqueued_at=self.clock(),
@@ -483,7 +473,7 @@ class Broker:
         if name is None:
             # The control socket of a daemon this broker does not know yet (it
             # restarted): have it register.
-            self._to_daemon(identity, {"op": protocol.REREGISTER})
+            self._to_daemon(identity, protocol.reregister_message())
             return
         self.scheduler.on_daemon_seen(name, header.get("mem") if op == protocol.HEARTBEAT
                                       else None)
@@ -507,9 +497,9 @@ class Broker:
             # with a new pid after the old one's pidfd said it exited.
             log.error("daemon=%s refused a registration from pid %s (%r): pid %s is alive and "
                       "registered under that name", name, header["pid"], identity, holder.pid)
-            self._to_daemon(identity, protocol.error_header(
-                None, "bad_message", "daemon {} is registered by pid {}, which is alive; stop "
-                "it first, or give this daemon another name".format(name, holder.pid)))
+            self._to_daemon(identity, protocol.error_reply(None, BadMessage(
+                "daemon {} is registered by pid {}, which is alive; stop it first, or give "
+                "this daemon another name".format(name, holder.pid))))
             return
         daemon = self.scheduler.on_daemon_registered(name, identity, header)
         if daemon is None:
@@ -538,7 +528,7 @@ class Broker:
             if request_id not in waiting or key in self.delivered_unclaimed:
                 log.debug("rid=%s dropped a reply its client had already", request_id)
                 continue
-            self._to_client_frames(client, held.frames)
+            self._to_client(client, held.frames)
             if terminal:
                 # A ping sent before this reply arrived still lists the id.
                 self.delivered_unclaimed[key] = None
@@ -574,7 +564,7 @@ class Broker:
                               "not know: no room to hold it", name, header["id"])
                 return
             # The daemon's header frame goes to the client unchanged.
-            self._to_client_frames(client, body)
+            self._to_client(client, body)
             if terminal:
                 kind = header["kind"]
                 if kind == protocol.RESULT:
@@ -730,9 +720,10 @@ class Broker:
             log.error("the supervising process %s is gone; stopping", self.parent_pid)
             self.stopping = True
             return
+        heartbeat = protocol.heartbeat_message()
         for daemon in self.scheduler.daemons.values():
             if daemon.identity is not None:
-                self._to_daemon(daemon.identity, {"op": protocol.HEARTBEAT})
+                self._to_daemon(daemon.identity, heartbeat)
         if self.units is not None:
             report = self.units.poll()
             if report:

@@ -207,10 +207,9 @@ class AsyncClient(AsyncModelCalls):
                         await self._socket.send_multipart(self._pings.frames(self._sent))
                     silent = time.monotonic() - self._last_heard
                     if silent > self.broker_timeout:
-                        error = protocol.error_header(
-                            None, BrokerUnavailable.code, _curve.explain(
-                                self._handshake, "no answer from the broker at {} for {:.0f}s; "
-                                "is `modelhost up` running?".format(self.endpoint, silent)))
+                        error = protocol.error_header(None, BrokerUnavailable(_curve.explain(
+                            self._handshake, "no answer from the broker at {} for {:.0f}s; "
+                            "is `modelhost up` running?".format(self.endpoint, silent))))
                         for queue in self._queues.values():
                             queue.put_nowait((error, []))
                         return

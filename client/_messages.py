@@ -70,10 +70,9 @@ def raise_for(header):
 
 def lost_reply(request_id):
     """A synthetic terminal reply for a request the broker has no record of."""
-    return protocol.error_header(
-        request_id, RequestLost.code,
+    return protocol.error_header(request_id, RequestLost(
         "the broker has no record of request {!r}: it restarted while the request was queued, "
-        "or dropped a frame over its size limit; send the request again".format(request_id))
+        "or dropped a frame over its size limit; send the request again".format(request_id)))
 
 
 class Progress(object):

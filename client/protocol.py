@@ -17,6 +17,13 @@ Replies (`kind`):          partial, progress, result, error, cancelled, pong
 
 Every request id gets exactly one terminal reply: result, error or cancelled.
 
+Each kind has one builder here, which returns its frames (`call_message`,
+`register_message`, ..., `result_reply`, `error_reply(id, error)`, ...), and
+one schema, which its receiver checks (`check_request`, `check_daemon_message`,
+`check_reply`); `reply_value` and `reply_error` read what a reply carries.
+Peers build no header by hand. The events of the broker's PUB socket:
+`encode_event`, `decode_event`.
+
 This module runs on Python 3.7 with only pyzmq and msgpack (numpy is used when
 a value is an array and numpy is importable).
 """
@@ -31,7 +38,7 @@ from ._schemas import MAX_PLAIN_DEPTH  # noqa: F401 (re-exported)
 from ._schemas import (
     MAX_ID_CHARS, check, is_identity, is_int, is_name, is_number, is_plain, is_request_id,
     is_text, list_of, one_of, optional, or_none, required, shown)
-from .errors import BadArguments, BadMessage, ProtocolMismatch
+from .errors import BadArguments, BadMessage, Cancelled, ProtocolMismatch, error_from_wire
 
 VERSION = 1
 
@@ -209,11 +216,191 @@ def decode_event(frames):
     return decode_header(frames[1])
 
 
-def error_header(request_id, code, message, details=None):
-    header = {"kind": ERROR, "id": request_id, "code": code, "message": message}
-    if details:
-        header["details"] = details
+# --- builders: the frames of each message kind ----------------------------------
+#
+# Each returns the message's frames, version included, ready for send(): the
+# header first, then the payload frames its value refers to. Fields a
+# receiver reads as "absent" (a call's timeout, a reply's client and mem
+# outside the daemon) are left out rather than sent as null.
+
+
+def _frames(header, payloads=()):
+    # Builders make a fresh header, so the version goes in without a copy.
+    header["v"] = VERSION
+    return [msgpack.packb(header, use_bin_type=True)] + list(payloads)
+
+
+def _value_frames(header, field, value):
+    payloads = []
+    header[field] = externalize(value, payloads)
+    return _frames(header, payloads)
+
+
+def _reply_route(header, client, mem):
+    # A daemon's reply names the client the broker routes it to, and the
+    # call's memory peaks; the broker's own replies go straight to the client.
+    if client is not None:
+        header["client"] = client
+    if mem is not None:
+        header["mem"] = mem
     return header
+
+
+# Client -> broker.
+
+def call_message(request_id, model, method, args, priority=Priority.NORMAL, stream=False,
+                 timeout=None):
+    header = {"op": CALL, "id": request_id, "model": model, "method": method,
+              "priority": priority, "stream": stream}
+    if timeout is not None:
+        header["timeout"] = float(timeout)
+    return _value_frames(header, "args", args)
+
+
+def cancel_message(request_id, client=None):
+    """Client -> broker; broker -> daemon with the identity of the client that asked."""
+    header = {"op": CANCEL, "id": request_id}
+    if client is not None:
+        header["client"] = client
+    return _frames(header)
+
+
+def ping_message(request_id, ids):
+    """Proof of life while requests are outstanding; `ids` asks which the broker knows."""
+    return _frames({"op": PING, "id": request_id, "ids": ids})
+
+
+def ps_message(request_id):
+    return _frames({"op": PS, "id": request_id})
+
+
+def model_message(op, request_id, model, timeout=None, priority=None):
+    """A memory operation on one daemon: LOAD, UNLOAD, PIN or UNPIN."""
+    header = {"op": op, "id": request_id, "model": model}
+    if priority is not None:
+        header["priority"] = priority
+    if timeout is not None:
+        header["timeout"] = float(timeout)
+    return _frames(header)
+
+
+def supervisor_message(request_id, processes, token):
+    """The supervisor's report: {daemon name: {status, pid, restarts, error, ...}}."""
+    return _frames({"op": SUPERVISOR, "id": request_id, "processes": processes,
+                    "token": token})
+
+
+# Broker -> daemon.
+
+def dispatch_message(request_id, client, forward, payloads, timeout=None):
+    """A call for a daemon slot: `forward` (call_forward()) with the payloads it refers to."""
+    header = dict(forward, op=CALL, id=request_id, client=client)
+    if timeout is not None:
+        header["timeout"] = timeout
+    return _frames(header, payloads)
+
+
+def tier_message(tier):
+    return _frames({"op": TIER, "tier": tier})
+
+
+def reregister_message():
+    return _frames({"op": REREGISTER})
+
+
+def heartbeat_message(state=None, running=None, mem=None):
+    """Both ways: the broker's is bare; a daemon's says its state, running calls, memory."""
+    header = {"op": HEARTBEAT}
+    if state is not None:
+        header.update(state=state, running=running, mem=mem)
+    return _frames(header)
+
+
+# Daemon -> broker.
+
+def register_message(*, name, pid, interpreter, python, engine, methods, slots, state, tier,
+                     tiers, mem, error, facts, loads, uptime_s, running):
+    """Who the daemon is and where it stands; `running`: [{id, client, method, slot}]."""
+    return _frames({
+        "op": REGISTER, "name": name, "pid": pid, "interpreter": interpreter,
+        "python": python, "engine": engine, "methods": methods, "slots": slots,
+        "state": state, "tier": tier, "tiers": tiers, "mem": mem, "error": error,
+        "facts": facts, "loads": loads, "uptime_s": uptime_s, "running": running})
+
+
+def state_message(*, state, tier, mem, loads, facts, error, took_s=None, failed=None):
+    """A move between tiers began or ended; `failed`: the target of a move that failed."""
+    return _frames({"op": STATE, "state": state, "tier": tier, "took_s": took_s, "mem": mem,
+                    "loads": loads, "facts": facts, "error": error, "failed": failed})
+
+
+# Replies: daemon -> client through the broker, and the broker's own.
+
+def partial_reply(request_id, client, seq, value):
+    return _value_frames({"kind": PARTIAL, "id": request_id, "client": client, "seq": seq},
+                         "value", value)
+
+
+def progress_reply(request_id, client, fraction, stage, message):
+    return _frames({"kind": PROGRESS, "id": request_id, "client": client,
+                    "fraction": fraction, "stage": stage, "message": message})
+
+
+def result_reply(request_id, value, client=None, mem=None):
+    return _value_frames(_reply_route({"kind": RESULT, "id": request_id}, client, mem),
+                         "value", value)
+
+
+def error_header(request_id, error):
+    """The header of the error reply for `error`, a ModelhostError: its code, message, details."""
+    header = {"kind": ERROR, "id": request_id, "code": error.code, "message": error.message}
+    if error.details:
+        header["details"] = error.details
+    return header
+
+
+def error_reply(request_id, error, client=None, mem=None):
+    return _frames(_reply_route(error_header(request_id, error), client, mem))
+
+
+def cancelled_reply(request_id, message, client=None, mem=None):
+    return _frames(_reply_route({"kind": CANCELLED, "id": request_id, "message": message},
+                                client, mem))
+
+
+def pong_reply(request_id, known, broker, settled):
+    """`known`: the pinged ids the broker knows; `settled`: "unknown" now means lost."""
+    return _frames({"kind": PONG, "id": request_id, "known": known, "broker": broker,
+                    "settled": settled})
+
+
+# --- parsers: what a receiver reads ------------------------------------------------
+#
+# Every receiver decodes with decode() or decode_header(); the broker then
+# checks each message against the schema of its kind (below) before it acts.
+
+
+def call_forward(header):
+    """What of a client's checked call travels on to the daemon (dispatch_message())."""
+    return {"method": header["method"], "args": header.get("args", {}),
+            "stream": header.get("stream", False)}
+
+
+def reply_value(header, payloads):
+    """The value of a result or partial reply: binary leaves as bytes, arrays as arrays."""
+    try:
+        return internalize(header.get("value"), payloads)
+    except RecursionError as exc:
+        # Deeper than Python can walk: a typed error, like any malformed reply.
+        raise BadMessage("the reply's value is nested too deeply to decode") from exc
+
+
+def reply_error(header):
+    """The ModelhostError that an error or cancelled reply stands for."""
+    if header["kind"] == CANCELLED:
+        return Cancelled(header.get("message") or "the call was cancelled")
+    return error_from_wire(header.get("code", "internal"), header.get("message", ""),
+                           header.get("details"))
 
 
 # --- message schemas ---------------------------------------------------------

@@ -402,10 +402,10 @@ class ScriptedBroker(object):
 
 def answer_with_row(header):
     if header["model"] != "tts":
-        return [protocol.error_header(header["id"], "unknown_model", "no model named {!r}"
-                                      .format(header["model"]))]
+        return [protocol.error_header(header["id"], UnknownModel("no model named {!r}"
+                                                                 .format(header["model"])))]
     if header.get("priority") == "batch":
-        return [protocol.error_header(header["id"], "insufficient_memory", "never fits")]
+        return [protocol.error_header(header["id"], InsufficientMemory("never fits"))]
     tier = "unloaded" if header["op"] == protocol.UNLOAD else "resident"
     return [{"kind": protocol.PROGRESS, "id": header["id"], "fraction": 0.5},
             {"kind": protocol.RESULT, "id": header["id"],
