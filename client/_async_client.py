@@ -55,7 +55,7 @@ class AsyncClient(AsyncModelCalls):
             if header["kind"] == protocol.PROGRESS and on_progress is not None:
                 on_progress(m.progress_of(header))
             elif header["kind"] == protocol.RESULT:
-                result = m.reply_value(header, payloads)
+                result = protocol.reply_value(header, payloads)
         return result
 
     async def stream(self, model, method, timeout=m.NOT_SET, on_progress=None,
@@ -64,7 +64,7 @@ class AsyncClient(AsyncModelCalls):
         async for header, payloads in self._run(model, method, timeout, priority,
                                                 m.merge_arguments(arguments, kwargs), True):
             if header["kind"] == protocol.PARTIAL:
-                yield m.reply_value(header, payloads)
+                yield protocol.reply_value(header, payloads)
             elif header["kind"] == protocol.PROGRESS and on_progress is not None:
                 on_progress(m.progress_of(header))
 
@@ -72,7 +72,7 @@ class AsyncClient(AsyncModelCalls):
         request_id = self._new_id()
         queue = self._open(request_id)
         try:
-            await self._send(m.control_frames(protocol.PS, request_id))
+            await self._send(protocol.ps_message(request_id))
             self._sent.add(request_id)
             header, payloads = await asyncio.wait_for(queue.get(), timeout)
         except asyncio.TimeoutError:
@@ -83,8 +83,8 @@ class AsyncClient(AsyncModelCalls):
             self._queues.pop(request_id, None)
             self._sent.discard(request_id)
         if header["kind"] != protocol.RESULT:
-            m.raise_for(header)
-        return m.reply_value(header, payloads)
+            raise protocol.reply_error(header)
+        return protocol.reply_value(header, payloads)
 
     async def load(self, name, timeout=None, priority=protocol.Priority.NORMAL):
         """Make daemon `name` resident and return its `ps` row (see Client.load)."""
@@ -103,7 +103,7 @@ class AsyncClient(AsyncModelCalls):
         return await self._model_op(protocol.UNPIN, name)
 
     async def cancel(self, request_id):
-        await self._send(m.control_frames(protocol.CANCEL, request_id))
+        await self._send(protocol.cancel_message(request_id))
 
     async def aclose(self):
         if self._state is ClientState.OPEN:
@@ -145,16 +145,17 @@ class AsyncClient(AsyncModelCalls):
         if timeout is m.NOT_SET:
             timeout = self.timeout
         request_id = self._new_id()
-        frames = m.call_frames(request_id, model, method, args, timeout, priority, stream)
+        frames = protocol.call_message(request_id, model, method, args, priority, stream,
+                                      timeout)
         return self._exchange(request_id, frames, timeout)
 
     async def _model_op(self, op, model, timeout=None, priority=None):
         request_id = self._new_id()
-        frames = m.model_op_frames(op, request_id, model, timeout, priority)
+        frames = protocol.model_message(op, request_id, model, timeout, priority)
         result = None
         async for header, payloads in self._exchange(request_id, frames, timeout):
             if header["kind"] == protocol.RESULT:
-                result = m.reply_value(header, payloads)
+                result = protocol.reply_value(header, payloads)
         return result
 
     async def _exchange(self, request_id, frames, timeout):
@@ -175,7 +176,7 @@ class AsyncClient(AsyncModelCalls):
                 kind = header["kind"]
                 if kind in (protocol.ERROR, protocol.CANCELLED):
                     finished = True
-                    m.raise_for(header)
+                    raise protocol.reply_error(header)
                 yield header, payloads
                 if kind == protocol.RESULT:
                     finished = True

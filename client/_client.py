@@ -38,16 +38,16 @@ class Stream(object):
         for header, payloads in self._client._replies(self.request_id, self._deadline):
             kind = header["kind"]
             if kind == protocol.PARTIAL:
-                return m.reply_value(header, payloads)
+                return protocol.reply_value(header, payloads)
             if kind == protocol.PROGRESS:
                 if self._on_progress is not None:
                     self._on_progress(m.progress_of(header))
                 continue
             self.done = True
             if kind == protocol.RESULT:
-                self.result = m.reply_value(header, payloads)
+                self.result = protocol.reply_value(header, payloads)
                 raise StopIteration
-            m.raise_for(header)
+            raise protocol.reply_error(header)
 
     def cancel(self):
         """Ask the broker to cancel the call; iteration then ends with Cancelled."""
@@ -134,13 +134,13 @@ class Client(ModelCalls):
         """The broker's status: {"broker": {...}, "daemons": [{name, state, pid, ...}]}."""
         request_id = self._new_id()
         self._expect(request_id)
-        self._send(m.control_frames(protocol.PS, request_id))
+        self._send(protocol.ps_message(request_id))
         try:
             for header, payloads in self._replies(request_id, time.monotonic() + timeout,
                                                   grace=0.0):
                 if header["kind"] == protocol.RESULT:
-                    return m.reply_value(header, payloads)
-                m.raise_for(header)
+                    return protocol.reply_value(header, payloads)
+                raise protocol.reply_error(header)
         except Timeout:
             # The broker answers ps at once: silence means nobody is there.
             raise BrokerUnavailable(_curve.explain(
@@ -218,7 +218,7 @@ class Client(ModelCalls):
 
     def cancel(self, request_id):
         self._check_open()
-        self._send(m.control_frames(protocol.CANCEL, request_id))
+        self._send(protocol.cancel_message(request_id))
 
     def close(self):
         if self._state is ClientState.OPEN:
@@ -259,7 +259,8 @@ class Client(ModelCalls):
             timeout = self.timeout
         request_id = self._new_id()
         self._expect(request_id)
-        self._send(m.call_frames(request_id, model, method, args, timeout, priority, stream))
+        self._send(protocol.call_message(request_id, model, method, args, priority, stream,
+                                         timeout))
         deadline = None if timeout is None else time.monotonic() + timeout
         return Stream(self, request_id, deadline, on_progress)
 
@@ -268,13 +269,13 @@ class Client(ModelCalls):
         # eyes and reveal it lost, and Ctrl-C or the deadline cancels it.
         request_id = self._new_id()
         self._expect(request_id)
-        self._send(m.model_op_frames(op, request_id, model, timeout, priority))
+        self._send(protocol.model_message(op, request_id, model, timeout, priority))
         deadline = None if timeout is None else time.monotonic() + timeout
         for header, payloads in self._replies(request_id, deadline):
             if header["kind"] == protocol.RESULT:
-                return m.reply_value(header, payloads)
+                return protocol.reply_value(header, payloads)
             if header["kind"] in protocol.TERMINAL_KINDS:
-                m.raise_for(header)
+                raise protocol.reply_error(header)
             # progress (or anything else) before the answer: nothing to show here
 
     def _forget(self, request_id):

@@ -135,10 +135,8 @@ def test_parking_holds_in_order_within_its_budget_and_expires():
 
 
 def test_a_reply_nested_deeper_than_python_can_walk_is_a_bad_message():
-    from modelhost import _messages
-
     value = []
     for _ in range(100000):
         value = [value]
     with pytest.raises(BadMessage, match="nested too deeply"):
-        _messages.reply_value({"kind": "result", "value": value}, [])
+        protocol.reply_value({"kind": "result", "value": value}, [])
