@@ -353,7 +353,7 @@ class Broker:
         elif op == protocol.CANCEL:
             self.scheduler.on_cancel(client, request_id)
         elif op == protocol.PING:
-            waiting = header.get("ids", [])
+            waiting = header["ids"]
             self._deliver_unclaimed(client, set(waiting))
             known = [rid for rid in waiting if self.scheduler.knows(client, rid)]
             # Settled: up long enough for every live daemon to have registered
@@ -392,24 +392,26 @@ class Broker:
 
     def on_tier_request(self, client: bytes, op: str, header: dict) -> None:
         """`modelhost load/unload NAME`: a request answered once the daemon is at the tier."""
-        timeout = header.get("timeout")
         self.scheduler.on_call(Request(
             client=client, id=header["id"], model=header["model"], method=op, forward={},
-            payloads=[], priority=header.get("priority", protocol.Priority.NORMAL),
-            enqueued_at=self.clock(),
+            payloads=[], priority=header["priority"], enqueued_at=self.clock(),
             action=Action.LOAD if op == protocol.LOAD else Action.UNLOAD,
-            deadline=None if timeout is None else self.clock() + float(timeout)))
+            deadline=self._deadline(header)))
 
     def on_call(self, client: bytes, header: dict, payloads: list) -> None:
-        timeout = header.get("timeout")
         request = Request(
             client=client, id=header["id"], model=header["model"], method=header["method"],
             forward=protocol.call_forward(header),
             payloads=payloads,
             payload_bytes=sum(len(frame) for frame in payloads),
-            priority=header.get("priority", protocol.Priority.NORMAL), enqueued_at=self.clock(),
-            deadline=None if timeout is None else self.clock() + float(timeout))
+            priority=header["priority"], enqueued_at=self.clock(),
+            deadline=self._deadline(header))
         self.scheduler.on_call(request)
+
+    def _deadline(self, header: dict) -> float | None:
+        # The schema let through a finite, positive timeout, or none (its default).
+        timeout = header["timeout"]
+        return None if timeout is None else self.clock() + float(timeout)
 
     # --- backend ------------------------------------------------------------
 

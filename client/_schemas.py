@@ -2,8 +2,9 @@
 
 A schema maps each field a receiver reads to a `Field`: required or not, a
 predicate that accepts its value, the words that describe an acceptable value
-(they go into the error), and the error class to raise (BadMessage unless the
-field says otherwise). The predicates here refuse what a hostile or buggy
+(they go into the error), the error class to raise (BadMessage unless the
+field says otherwise), and for an optional field the value its absence
+stands for, which `check` fills in: a receiver reads every field it knows. The predicates here refuse what a hostile or buggy
 peer may send: NaN and infinities, ids that are not hashable or not equal to
 themselves, strings and lists without bound, maps nested deeper than a
 dashboard can show. `check` raises the typed error, never another exception,
@@ -84,22 +85,26 @@ def is_plain(value, depth=0):
     return False
 
 
-class Field(object):
-    __slots__ = ("required", "accepts", "description", "error")
+NO_DEFAULT = object()  # an optional field that stays absent when it is not sent
 
-    def __init__(self, required, accepts, description, error=BadMessage):
+
+class Field(object):
+    __slots__ = ("required", "accepts", "description", "error", "default")
+
+    def __init__(self, required, accepts, description, error=BadMessage, default=NO_DEFAULT):
         self.required = required
         self.accepts = accepts
         self.description = description
         self.error = error
+        self.default = default
 
 
 def required(accepts, description, error=BadMessage):
     return Field(True, accepts, description, error)
 
 
-def optional(accepts, description, error=BadMessage):
-    return Field(False, accepts, description, error)
+def optional(accepts, description, error=BadMessage, default=NO_DEFAULT):
+    return Field(False, accepts, description, error, default)
 
 
 # Bounded in depth and length: a hostile value may nest a thousand levels deep.
@@ -114,8 +119,9 @@ def shown(value):
 
 def check(header, schemas, selector):
     """Raise BadMessage (or the field's error) unless `header` fits the schema its
-    `selector` field (op or kind) names. The error's details carry the id when it
-    is usable, so the reply can name the request."""
+    `selector` field (op or kind) names; fill in the defaults of absent fields.
+    The error's details carry the id when it is usable, so the reply can name
+    the request."""
     name = header.get(selector)
     schema = schemas.get(name) if isinstance(name, str) else None
     request_id = header.get("id")
@@ -128,6 +134,11 @@ def check(header, schemas, selector):
             if spec.required:
                 raise spec.error("a {} message needs `{}`: {}".format(
                     name, field, spec.description), details)
+            if spec.default is not NO_DEFAULT:
+                # A map or list of its own: a receiver may keep what it reads.
+                default = spec.default
+                header[field] = type(default)(default) if isinstance(
+                    default, (dict, list)) else default
         elif not spec.accepts(header[field]):
             raise spec.error("`{}` of a {} message must be {}, not {}".format(
                 field, name, spec.description, shown(header[field])), details)

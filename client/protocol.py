@@ -382,8 +382,7 @@ def pong_reply(request_id, known, broker, settled):
 
 def call_forward(header):
     """What of a client's checked call travels on to the daemon (dispatch_message())."""
-    return {"method": header["method"], "args": header.get("args", {}),
-            "stream": header.get("stream", False)}
+    return {"method": header["method"], "args": header["args"], "stream": header["stream"]}
 
 
 def reply_value(header, payloads):
@@ -410,8 +409,9 @@ def reply_error(header):
 # themselves, ranges. A message that fails gets a typed `bad_message` error
 # (where there is a sender to answer), never an exception in the receiver's
 # loop. Fields a schema does not name are never read by the receiver, so they
-# are left alone (a newer peer may send more). How a schema is checked:
-# `_schemas.py`.
+# are left alone (a newer peer may send more). An absent optional field with
+# a default is filled in by the check, so the receiver reads one value, the
+# one written here. How a schema is checked: `_schemas.py`.
 
 MAX_TIMEOUT_S = 366 * 86400.0
 PROCESS_STATUSES = ("pending", "starting", "running", "backoff", "failed", "stopped")
@@ -441,9 +441,10 @@ def _running_call(value):
 _ID = required(is_request_id, "an integer or a string of at most {} characters".format(
     MAX_ID_CHARS))
 _MODEL = required(is_name, "the daemon's name, a non-empty string")
-_PRIORITY = optional(one_of(Priority.ALL), "one of " + ", ".join(Priority.ALL))
+_PRIORITY = optional(one_of(Priority.ALL), "one of " + ", ".join(Priority.ALL),
+                     default=Priority.NORMAL)
 _TIMEOUT = optional(lambda value: is_number(value, high=MAX_TIMEOUT_S) and value > 0,
-                    "a finite, positive number of seconds (at most a year)")
+                    "a finite, positive number of seconds (at most a year)", default=None)
 _MEM = optional(_mem, "a map of memory figures in bytes (non-negative integers or null)")
 _ERROR_TEXT = optional(or_none(is_text), "a string or null")
 _STATE = required(one_of(DaemonState.ALL), "one of " + ", ".join(DaemonState.ALL))
@@ -457,11 +458,13 @@ REQUEST_SCHEMAS = {
     CALL: {"id": _ID, "model": _MODEL,
            "method": required(is_name, "the operation's name, a non-empty string"),
            "args": optional(lambda value: isinstance(value, dict), "a map of argument names "
-                            "to values", BadArguments),
+                            "to values", BadArguments, default={}),
            "priority": _PRIORITY, "timeout": _TIMEOUT,
-           "stream": optional(lambda value: isinstance(value, bool), "true or false")},
+           "stream": optional(lambda value: isinstance(value, bool), "true or false",
+                              default=False)},
     CANCEL: {"id": _ID},
-    PING: {"id": _ID, "ids": optional(list_of(is_request_id), "a list of request ids")},
+    PING: {"id": _ID, "ids": optional(list_of(is_request_id), "a list of request ids",
+                                      default=[])},
     PS: {"id": _ID},
     SUPERVISOR: {"id": _ID, "token": required(is_text, "the supervisor's token"),
                  "processes": required(lambda value: isinstance(value, dict) and all(
