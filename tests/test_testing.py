@@ -407,3 +407,20 @@ def test_a_reused_id_and_a_malformed_message_get_bad_message(broker, wire):
     protocol.send(wire.socket, [b"\xc1 not msgpack"])
     assert wire.receive()[0]["code"] == "bad_message"
 
+
+
+# --- the README ---------------------------------------------------------------------------
+
+
+def readme_example():
+    """The first Python block of the README's "Testing your own programs" section."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Testing your own programs\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_example_runs_as_written(tmp_path):
+    out = subprocess.run([sys.executable, "-c", readme_example()], cwd=str(tmp_path),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    assert out.returncode == 0, out.stdout.decode()
+
