@@ -16,7 +16,7 @@ import time
 import wave
 from pathlib import Path
 
-from . import _curve, protocol
+from . import _curve, _format, protocol
 from ._client import Client
 from .errors import ModelhostError
 
@@ -232,27 +232,6 @@ def cmd_keys(args):
 TABLE_WIDTH = 120
 
 
-def _duration(seconds):
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    if seconds < 120:
-        return "{}s".format(seconds)
-    if seconds < 7200:
-        return "{}m".format(seconds // 60)
-    return "{}h{:02d}m".format(seconds // 3600, seconds % 3600 // 60)
-
-
-def _countdown(seconds):
-    """Time left, to the second while it is short: "42s", "4m10s", "2h05m"."""
-    seconds = max(0, int(seconds))
-    if seconds < 60:
-        return "{}s".format(seconds)
-    if seconds < 3600:
-        return "{}m{:02d}s".format(seconds // 60, seconds % 60)
-    return "{}h{:02d}m".format(seconds // 3600, seconds % 3600 // 60)
-
-
 def format_table(rows, columns):
     """Plain aligned columns, the last one left unpadded."""
     cells = [[str(column[0]) for column in columns]]
@@ -266,62 +245,12 @@ def format_table(rows, columns):
     return "\n".join(lines)
 
 
-_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
-
-
-def _size(value):
-    if value is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return "{:.0f} {}".format(value, unit) if unit == "B" else "{:.1f} {}".format(
-                value, unit)
-        value /= 1024.0
-
-
-def _sizes_of(values, of):
-    """ "41.2 / 79.6 GiB": several sizes in the unit that suits `of`."""
-    for unit, factor in _UNITS:
-        if of >= factor:
-            break
-    else:
-        unit, factor = "B", 1
-    numbers = ["{:.0f}".format(v) if factor == 1 else "{:.1f}".format(v / float(factor))
-               for v in values]
-    return "{} {}".format(" / ".join(numbers), unit)
-
-
-def _short_size(value):
-    """A size in four or five characters, for the table: "512M", "2.3G", "12G", "-"."""
-    if value is None:
-        return "-"
-    if value < 1024:
-        return "{}B".format(int(value))
-    if value < 2**20:
-        return "{:.0f}K".format(value / 2.0**10)
-    if value < 2**30:
-        return "{:.0f}M".format(value / 2.0**20)
-    if value < 10 * 2**30:
-        return "{:.1f}G".format(value / 2.0**30)
-    return "{:.0f}G".format(value / 2.0**30)
-
-
-def _footprint(row, key):
-    """RESIDENT or PEAK: "declared/measured", "-" for what is unknown."""
-    footprint = row.get("footprint") or {}
-    declared = (footprint.get("declared") or {}).get(key)
-    measured = (footprint.get("measured") or {}).get(key)
-    if declared is None and measured is None:
-        return "-"
-    return "{}/{}".format(_short_size(declared), _short_size(measured))
-
-
 def _ttl(row):
     if row.get("pinned"):
         return "pinned"
     if row.get("ttl_s") is None:
         return "-"
-    return _countdown(row["ttl_s"])
+    return _format.countdown(row["ttl_s"])
 
 
 def _last_error(row):
@@ -337,10 +266,10 @@ PS_COLUMNS = [
     ("DEV", lambda d: d.get("device") or "-", False),
     ("PID", lambda d: str(d.get("pid") or "-"), True),
     ("PYTHON", lambda d: d.get("python") or "-", True),
-    ("UPTIME", lambda d: _duration(d.get("uptime_s")), False),
-    ("MEM", lambda d: _size(d.get("memory_bytes")), True),
-    ("RESIDENT", lambda d: _footprint(d, "resident"), True),
-    ("PEAK", lambda d: _footprint(d, "peak"), True),
+    ("UPTIME", lambda d: _format.duration(d.get("uptime_s")), False),
+    ("MEM", lambda d: _format.size(d.get("memory_bytes")), True),
+    ("RESIDENT", lambda d: _format.footprint(d, "resident"), True),
+    ("PEAK", lambda d: _format.footprint(d, "peak"), True),
     ("TTL", _ttl, True),
     ("RUN", lambda d: "{}/{}".format(d.get("running", 0), d.get("concurrency", "-")), True),
     ("QUEUE", lambda d: "{}/{}".format(d.get("queued", 0), d.get("max_queue", "-")), True),
@@ -372,19 +301,19 @@ def device_line(device, width=TABLE_WIDTH):
     total = device.get("total") or 0
     parts = []
     if device.get("used") is not None:
-        parts.append("used " + _sizes_of([device["used"], total], total))
+        parts.append("used " + _format.sizes_of([device["used"], total], total))
     threshold = device.get("threshold")
     if threshold is not None:
         text = device.get("threshold_text")
-        budget = "threshold " + _size(threshold) + (
-            " ({})".format(text) if text and text != _size(threshold) else "")
+        budget = "threshold " + _format.size(threshold) + (
+            " ({})".format(text) if text and text != _format.size(threshold) else "")
         if device.get("committed") is not None:
-            budget = "committed {} of {}".format(_size(device["committed"]), budget)
+            budget = "committed {} of {}".format(_format.size(device["committed"]), budget)
         parts.append(budget)
     elif device.get("free") is not None:
-        parts.append("free " + _size(device["free"]))  # a broker without thresholds
+        parts.append("free " + _format.size(device["free"]))  # a broker without thresholds
     if device.get("external") is not None:
-        parts.append("external {}{}".format(_size(device["external"]), "" if device.get(
+        parts.append("external {}{}".format(_format.size(device["external"]), "" if device.get(
             "external_counted", True) else " (not counted)"))
     if not parts:
         return label
@@ -396,7 +325,8 @@ def render_status(status, wide=False):
     lines = []
     broker = status.get("broker") or {}
     lines.append("broker pid {} up {}, clients at {}".format(
-        broker.get("pid", "?"), _duration(broker.get("uptime_s")), broker.get("frontend", "?")))
+        broker.get("pid", "?"), _format.duration(broker.get("uptime_s")),
+        broker.get("frontend", "?")))
     memory = status.get("memory") or {}
     devices = memory.get("devices") or []
     if memory:
@@ -515,7 +445,7 @@ def describe_row(row):
     if row.get("device"):
         text += " on " + row["device"]
     if row.get("memory_bytes") is not None:
-        text += ", " + _size(row["memory_bytes"])
+        text += ", " + _format.size(row["memory_bytes"])
     return text
 
 
@@ -530,7 +460,7 @@ def memory_op_line(verb, name, row, elapsed=None):
                                                elapsed or 0.0)
     line = "{}: {}, {}".format(name, _DONE[verb], describe_row(row))
     if verb == "unpin" and row.get("idle_ttl_s") is not None:
-        line += ", unloads after {} idle".format(_countdown(row["idle_ttl_s"]))
+        line += ", unloads after {} idle".format(_format.countdown(row["idle_ttl_s"]))
     return line
 
 

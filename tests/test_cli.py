@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 import modelhost
-from modelhost import cli, protocol
+from modelhost import _format, cli, protocol
 from modelhost.errors import InsufficientMemory, RequestError, RequestLost, UnknownModel
 
 GiB = 2**30
@@ -150,7 +150,7 @@ def test_ttl_column(row, ttl):
 ])
 def test_footprint_columns(footprint, resident, peak):
     row = daemon_row(footprint=footprint)
-    assert (cli._footprint(row, "resident"), cli._footprint(row, "peak")) == (resident, peak)
+    assert (_format.footprint(row, "resident"), _format.footprint(row, "peak")) == (resident, peak)
 
 
 @pytest.mark.parametrize("device, line", [
