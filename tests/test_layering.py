@@ -48,11 +48,13 @@ ROOT_IMPORT_EXCEPTIONS = {
 # The broker modules a client file may import, only inside a function (never when
 # `import modelhost` runs): (file, broker module) -> the commands that need it.
 CLIENT_LAZY_BROKER_IMPORTS = {
-    ("client/cli.py", "modelhost.broker.config"):
-        "--config (endpoint, keys dir), `up`, `setup`, `gateway` read the configuration",
-    ("client/cli.py", "modelhost.broker.envs"): "`modelhost setup` builds the daemons' venvs",
-    ("client/cli.py", "modelhost.broker.supervisor"): "`modelhost up` runs the supervisor",
-    ("client/cli.py", "modelhost.broker.systemd_units"):
+    ("client/_cli_common.py", "modelhost.broker.config"):
+        "--config of the client commands takes the endpoint (and keys) from the configuration",
+    ("client/_cli_host.py", "modelhost.broker.config"):
+        "`up`, `setup`, `gateway` and `keys --config` read the configuration",
+    ("client/_cli_host.py", "modelhost.broker.envs"): "`modelhost setup` builds the daemons' venvs",
+    ("client/_cli_host.py", "modelhost.broker.supervisor"): "`modelhost up` runs the supervisor",
+    ("client/_cli_host.py", "modelhost.broker.systemd_units"):
         "`modelhost install-systemd` renders the units",
     ("client/_logs.py", "modelhost.broker.config"):
         "`modelhost logs --config` finds that configuration's runtime dir",
