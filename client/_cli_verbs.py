@@ -6,6 +6,7 @@ The model verbs need numpy, and soundfile to write audio; the pipelines import t
 code only when they run.
 """
 
+import collections
 import json
 import sys
 import wave
@@ -14,8 +15,9 @@ from . import protocol
 from ._cli_common import client_options, endpoint_of
 from ._client import Client
 from .errors import ModelhostError
+from .models import audio_bytes
 
-# --- call and say ----------------------------------------------------------------
+# --- call and the pipelines ------------------------------------------------------
 
 
 def parse_assignment(text):
@@ -114,86 +116,6 @@ def cmd_call(args):
     return 0
 
 
-def write_wav(path, pcm_s16le, sample_rate, channels=1):
-    with wave.open(path, "wb") as out:
-        out.setnchannels(channels)
-        out.setsampwidth(2)
-        out.setframerate(sample_rate)
-        out.writeframes(pcm_s16le)
-
-
-def cmd_say(args):
-    arguments = {"text": args.text}
-    if args.voice:
-        arguments["voice"] = args.voice
-    with Client(endpoint_of(args), timeout=args.timeout) as client:
-        speech = client.call(args.model, "tts", arguments=arguments)
-    write_wav(args.output, speech["audio"], speech["sample_rate"], speech.get("channels", 1))
-    seconds = speech["samples"] / float(speech["sample_rate"])
-    if args.json:
-        print(json.dumps({"path": args.output, "seconds": seconds,
-                          "sample_rate": speech["sample_rate"]}))
-    else:
-        print("wrote {}: {:.2f}s of speech at {} Hz".format(args.output, seconds,
-                                                           speech["sample_rate"]))
-    return 0
-
-
-def cmd_transcribe(args):
-    with open(args.file, "rb") as handle:
-        data = handle.read()
-    options = {"language": args.language} if args.language else {}
-    progress = ProgressLine()
-    with Client(endpoint_of(args), timeout=args.timeout) as client:
-        try:
-            result = client.transcribe(data, model=args.model, on_progress=progress, **options)
-        finally:
-            progress.finish()
-    if args.json:
-        print(json.dumps(result, default=str))
-    else:
-        print(result["text"])
-    return 0
-
-
-def _write_audio(args, audio, what):
-    audio.write(args.output)
-    if args.json:
-        print(json.dumps({"path": args.output, "seconds": audio.seconds,
-                          "sample_rate": audio.sample_rate,
-                          "info": _printable(audio.info)}, default=str))
-    else:
-        extra = " (seed {})".format(audio.info["seed"]) if "seed" in audio.info else ""
-        print("wrote {}: {:.2f}s of {} at {} Hz{}".format(args.output, audio.seconds, what,
-                                                         audio.sample_rate, extra))
-    return 0
-
-
-def cmd_tts(args):
-    options = {name: getattr(args, name) for name in ("voice", "mode", "prompt_text",
-                                                      "instruct_text", "speed")
-               if getattr(args, name) is not None}
-    if args.prompt_audio:
-        options["prompt_audio"] = args.prompt_audio
-    with Client(endpoint_of(args), timeout=args.timeout) as client:
-        speech = client.tts(args.text, model=args.model, **options)
-    return _write_audio(args, speech, "speech")
-
-
-def cmd_text_to_audio(args):
-    options = {name: getattr(args, name) for name in ("duration", "steps", "guidance_scale",
-                                                      "seed")
-               if getattr(args, name) is not None}
-    progress = ProgressLine()
-    with Client(endpoint_of(args), timeout=args.timeout) as client:
-        try:
-            sound = client.text_to_audio(args.prompt, model=args.model, on_progress=progress,
-                                         **options)
-        finally:
-            progress.finish()
-    return _write_audio(args, sound, "audio")
-
-
 def cmd_audio_drama(args):
     from modelhost.pipelines import drama_cli
 
@@ -206,13 +128,113 @@ def cmd_chat(args):
     return chat_cli.run(args, endpoint_of)
 
 
-def cmd_talking_head(args):
-    progress = ProgressLine()
-    with Client(endpoint_of(args), timeout=args.timeout) as client:
-        try:
-            video = client.talking_head(args.audio, model=args.model, on_progress=progress)
-        finally:
-            progress.finish()
+# --- the model verbs: one table, one runner ----------------------------------------
+
+
+class Argument(collections.namedtuple("Argument", "flags options forward")):
+    """One argparse argument of a model verb; `forward`: its value goes to the daemon
+    (as a keyword of the client's helper) when the command line sets it."""
+
+    __slots__ = ()
+
+    @property
+    def dest(self):
+        return self.flags[-1].lstrip("-").replace("-", "_")
+
+
+def argument(*flags, **options):
+    """The verb's positional input, or one of its own options (passed on to the daemon)."""
+    return Argument(flags, options, flags[0].startswith("-"))
+
+
+def output(help):
+    return Argument(("-o", "--output"), {"required": True, "help": help}, False)
+
+
+def daemon(default, what="the daemon"):
+    return Argument(("--model",), {"default": default,
+                                   "help": "{} (default: {})".format(what, default)}, False)
+
+
+def timeout(seconds):
+    return Argument(("--timeout",), {"type": float, "default": seconds}, False)
+
+
+class ModelVerb(collections.namedtuple("ModelVerb", "name help arguments request show")):
+    """A command that makes one call of a model daemon and writes or prints its result.
+
+    `arguments` in the order --help lists them (each verb has --model and --timeout);
+    `request(client, args, options, progress)` makes the call, with `options` the
+    forwarded arguments the command line set; `show(args, result)` writes the output
+    and returns the exit status.
+    """
+
+    __slots__ = ()
+
+    def add_to(self, sub):
+        parser = sub.add_parser(self.name, help=self.help)
+        client_options(parser)
+        for spec in self.arguments:
+            parser.add_argument(*spec.flags, **spec.options)
+        parser.set_defaults(handler=self.run)
+
+    def run(self, args):
+        # Unset or empty: the daemon's default stands.
+        options = {spec.dest: getattr(args, spec.dest) for spec in self.arguments
+                   if spec.forward and getattr(args, spec.dest) not in (None, "")}
+        progress = ProgressLine()
+        with Client(endpoint_of(args), timeout=args.timeout) as client:
+            try:
+                result = self.request(client, args, options, progress)
+            finally:
+                progress.finish()
+        return self.show(args, result)
+
+
+def write_wav(path, pcm_s16le, sample_rate, channels=1):
+    with wave.open(path, "wb") as out:
+        out.setnchannels(channels)
+        out.setsampwidth(2)
+        out.setframerate(sample_rate)
+        out.writeframes(pcm_s16le)
+
+
+def _show_pcm_speech(args, speech):
+    write_wav(args.output, speech["audio"], speech["sample_rate"], speech.get("channels", 1))
+    seconds = speech["samples"] / float(speech["sample_rate"])
+    if args.json:
+        print(json.dumps({"path": args.output, "seconds": seconds,
+                          "sample_rate": speech["sample_rate"]}))
+    else:
+        print("wrote {}: {:.2f}s of speech at {} Hz".format(args.output, seconds,
+                                                           speech["sample_rate"]))
+    return 0
+
+
+def _show_transcript(args, result):
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        print(result["text"])
+    return 0
+
+
+def _show_audio(what):
+    def show(args, audio):
+        audio.write(args.output)
+        if args.json:
+            print(json.dumps({"path": args.output, "seconds": audio.seconds,
+                              "sample_rate": audio.sample_rate,
+                              "info": _printable(audio.info)}, default=str))
+        else:
+            extra = " (seed {})".format(audio.info["seed"]) if "seed" in audio.info else ""
+            print("wrote {}: {:.2f}s of {} at {} Hz{}".format(args.output, audio.seconds, what,
+                                                             audio.sample_rate, extra))
+        return 0
+    return show
+
+
+def _show_video(args, video):
     with open(args.output, "wb") as handle:
         handle.write(video)
     if args.json:
@@ -220,6 +242,69 @@ def cmd_talking_head(args):
     else:
         print("wrote {}: {} bytes of mp4".format(args.output, len(video)))
     return 0
+
+
+MODEL_VERBS = (
+    ModelVerb(
+        "say", "speak TEXT into a WAV file with the default TTS daemon", (
+            argument("text"),
+            output("the WAV file to write"),
+            argument("--voice", help="a voice name (see `modelhost call espeak voices`)"),
+            daemon("espeak", "the TTS daemon"),
+            timeout(60.0)),
+        # espeak's own tts: 16-bit PCM, written as it comes.
+        lambda client, args, options, progress: client.call(
+            args.model, "tts", arguments=dict(text=args.text, **options)),
+        _show_pcm_speech),
+    ModelVerb(
+        "transcribe", "the text spoken in FILE (WAV or FLAC), from the speech recognition "
+        "daemon", (
+            argument("file", metavar="FILE"),
+            daemon("asr"),
+            argument("--language", help="a language code the daemon's model speaks (default: "
+                                     "the daemon's)"),
+            timeout(600.0)),
+        lambda client, args, options, progress: client.transcribe(
+            audio_bytes(args.file), model=args.model, on_progress=progress, **options),
+        _show_transcript),
+    ModelVerb(
+        "tts", "speech for TEXT from CosyVoice2 into an audio file", (
+            argument("text"),
+            output("the file to write (.wav, .flac)"),
+            argument("--voice", help="a registered voice id, or a built-in speaker (mode sft)"),
+            argument("--mode", choices=("zero_shot", "cross_lingual", "instruct", "sft")),
+            argument("--prompt-audio", help="a WAV/FLAC file of the voice to clone (<= 30 s)"),
+            argument("--prompt-text", help="what the prompt audio says"),
+            argument("--instruct-text", help="how to say it (mode instruct)"),
+            argument("--speed", type=float),
+            daemon("cosyvoice"),
+            timeout(120.0)),
+        lambda client, args, options, progress: client.tts(
+            args.text, model=args.model, **options),
+        _show_audio("speech")),
+    ModelVerb(
+        "text-to-audio", "sound for PROMPT from TangoFlux into a file", (
+            argument("prompt"),
+            output("the file to write (.wav, .flac)"),
+            argument("--duration", type=float, help="seconds, 1 to 30"),
+            argument("--steps", type=int, help="diffusion steps"),
+            argument("--guidance-scale", type=float),
+            argument("--seed", type=int, help="the same seed gives the same sound"),
+            daemon("tangoflux"),
+            timeout(600.0)),
+        lambda client, args, options, progress: client.text_to_audio(
+            args.prompt, model=args.model, on_progress=progress, **options),
+        _show_audio("audio")),
+    ModelVerb(
+        "talking-head", "an mp4 of a TalkingGaussian subject saying AUDIO", (
+            argument("audio", help="a WAV/FLAC file of speech"),
+            output("the mp4 to write"),
+            daemon("talkinggaussian", "the daemon of the subject"),
+            timeout(600.0)),
+        lambda client, args, options, progress: client.talking_head(
+            args.audio, model=args.model, on_progress=progress),
+        _show_video),
+)
 
 
 # --- the parser ----------------------------------------------------------------
@@ -241,60 +326,8 @@ def add_commands(sub):
                       choices=protocol.Priority.ALL)
     call.set_defaults(handler=cmd_call)
 
-    say = sub.add_parser("say", help="speak TEXT into a WAV file with the default TTS daemon")
-    client_options(say)
-    say.add_argument("text")
-    say.add_argument("-o", "--output", required=True, help="the WAV file to write")
-    say.add_argument("--voice", help="a voice name (see `modelhost call espeak voices`)")
-    say.add_argument("--model", default="espeak", help="the TTS daemon (default: espeak)")
-    say.add_argument("--timeout", type=float, default=60.0)
-    say.set_defaults(handler=cmd_say)
-
-    transcribe = sub.add_parser("transcribe", help="the text spoken in FILE (WAV or FLAC), "
-                                                   "from the speech recognition daemon")
-    client_options(transcribe)
-    transcribe.add_argument("file", metavar="FILE")
-    transcribe.add_argument("--model", default="asr", help="the daemon (default: asr)")
-    transcribe.add_argument("--language", help="a language code the daemon's model speaks "
-                                               "(default: the daemon's)")
-    transcribe.add_argument("--timeout", type=float, default=600.0)
-    transcribe.set_defaults(handler=cmd_transcribe)
-
-    tts = sub.add_parser("tts", help="speech for TEXT from CosyVoice2 into an audio file")
-    client_options(tts)
-    tts.add_argument("text")
-    tts.add_argument("-o", "--output", required=True, help="the file to write (.wav, .flac)")
-    tts.add_argument("--voice", help="a registered voice id, or a built-in speaker (mode sft)")
-    tts.add_argument("--mode", choices=("zero_shot", "cross_lingual", "instruct", "sft"))
-    tts.add_argument("--prompt-audio", help="a WAV/FLAC file of the voice to clone (<= 30 s)")
-    tts.add_argument("--prompt-text", help="what the prompt audio says")
-    tts.add_argument("--instruct-text", help="how to say it (mode instruct)")
-    tts.add_argument("--speed", type=float)
-    tts.add_argument("--model", default="cosyvoice", help="the daemon (default: cosyvoice)")
-    tts.add_argument("--timeout", type=float, default=120.0)
-    tts.set_defaults(handler=cmd_tts)
-
-    t2a = sub.add_parser("text-to-audio", help="sound for PROMPT from TangoFlux into a file")
-    client_options(t2a)
-    t2a.add_argument("prompt")
-    t2a.add_argument("-o", "--output", required=True, help="the file to write (.wav, .flac)")
-    t2a.add_argument("--duration", type=float, help="seconds, 1 to 30")
-    t2a.add_argument("--steps", type=int, help="diffusion steps")
-    t2a.add_argument("--guidance-scale", type=float)
-    t2a.add_argument("--seed", type=int, help="the same seed gives the same sound")
-    t2a.add_argument("--model", default="tangoflux", help="the daemon (default: tangoflux)")
-    t2a.add_argument("--timeout", type=float, default=600.0)
-    t2a.set_defaults(handler=cmd_text_to_audio)
-
-    head = sub.add_parser("talking-head", help="an mp4 of a TalkingGaussian subject saying "
-                                               "AUDIO")
-    client_options(head)
-    head.add_argument("audio", help="a WAV/FLAC file of speech")
-    head.add_argument("-o", "--output", required=True, help="the mp4 to write")
-    head.add_argument("--model", default="talkinggaussian",
-                      help="the daemon of the subject (default: talkinggaussian)")
-    head.add_argument("--timeout", type=float, default=600.0)
-    head.set_defaults(handler=cmd_talking_head)
+    for verb in MODEL_VERBS:
+        verb.add_to(sub)
 
     from modelhost.pipelines import drama_cli  # declares arguments only: no heavy import
 
