@@ -9,35 +9,25 @@ import zmq.asyncio
 from . import _curve
 from . import _messages as m
 from . import protocol
-from ._client import ClientState
-from .errors import BrokerUnavailable, StateError, Timeout
+from ._connection import BaseClient, ClientState
+from .errors import BrokerUnavailable, Timeout
 from .models import AsyncModelCalls
 
 
-class AsyncClient(AsyncModelCalls):
+class AsyncClient(BaseClient, AsyncModelCalls):
     """An asyncio modelhost client; safe to share between tasks of one event loop.
 
         async with AsyncClient() as client:
             result = await client.call("espeak", "tts", text="hello")
 
-    Cancelling the task awaiting a call cancels the remote work. `curve`: as for Client.
+    Cancelling the task awaiting a call cancels the remote work. `curve`: see BaseClient.
     """
+
+    _context_class = zmq.asyncio.Context
 
     def __init__(self, endpoint=None, timeout=None, broker_timeout=10.0, context=None, *,
                  curve=None):
-        self.endpoint = endpoint or protocol.default_endpoint()
-        curve_keys = _curve.client_keys(curve)
-        self.timeout = timeout
-        self.broker_timeout = broker_timeout
-        self._context = context or zmq.asyncio.Context.instance()
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.ROUTING_ID, m.new_identity())
-        self._socket.setsockopt(zmq.LINGER, 0)
-        _curve.secure(self._socket, self.endpoint, curve_keys)
-        self._handshake = _curve.watch(self._socket, self.endpoint, curve_keys)
-        self._socket.connect(self.endpoint)
-        self._state = ClientState.OPEN
-        self._next_id = 0
+        super().__init__(endpoint, timeout, broker_timeout, context, curve=curve)
         self._queues = {}  # request id -> asyncio.Queue of (header, payloads)
         # Requests whose message has left: only these may be asked about in a
         # ping (a request still being sent is unknown to the broker for now).
@@ -107,11 +97,9 @@ class AsyncClient(AsyncModelCalls):
 
     async def aclose(self):
         if self._state is ClientState.OPEN:
-            self._state = ClientState.CLOSED
             if self._reader is not None:
                 self._reader.cancel()
-            _curve.close(self._handshake)
-            self._socket.close(linger=0)
+            self._close_socket()
 
     async def __aenter__(self):
         return self
@@ -120,12 +108,6 @@ class AsyncClient(AsyncModelCalls):
         await self.aclose()
 
     # --- internals ----------------------------------------------------------
-
-    def _new_id(self):
-        if self._state is not ClientState.OPEN:
-            raise StateError("this AsyncClient is {}; create a new one".format(self._state.value))
-        self._next_id += 1
-        return self._next_id
 
     async def _send(self, frames, copy=True):
         await _curve.wait_to_send_async(self._handshake, self._socket, self.broker_timeout)

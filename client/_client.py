@@ -1,7 +1,6 @@
 """The blocking client. One socket, used from one thread at a time."""
 
 import collections
-import enum
 import time
 
 import zmq
@@ -9,13 +8,9 @@ import zmq
 from . import _curve
 from . import _messages as m
 from . import protocol
-from .errors import BrokerUnavailable, StateError, Timeout
+from ._connection import BaseClient, ClientState, open_socket
+from .errors import BrokerUnavailable, Timeout
 from .models import ModelCalls
-
-
-class ClientState(enum.Enum):
-    OPEN = "open"  # connected (ZeroMQ connects lazily; the broker may come later)
-    CLOSED = "closed"  # close() was called; every method raises StateError
 
 
 class Stream(object):
@@ -62,38 +57,18 @@ class Stream(object):
             self._client._forget(self.request_id)
 
 
-class Client(ModelCalls):
+class Client(BaseClient, ModelCalls):
     """A blocking modelhost client.
 
         with Client() as client:
             audio = client.call("espeak", "tts", text="hello")
 
-    Not thread-safe: use one Client per thread.
-
-    `curve` (for a broker over tcp:// with CURVE): None takes the key files from
-    $MODELHOST_CURVE_SERVER_KEY and $MODELHOST_CURVE_CLIENT_KEY if set; False
-    never uses CURVE; {"server_key": the broker's NAME.key, "client_key": this
-    client's NAME.key_secret} (files written by `modelhost keys`).
+    Not thread-safe: use one Client per thread. `curve`: see BaseClient.
     """
 
     def __init__(self, endpoint=None, timeout=None, broker_timeout=10.0, context=None, *,
                  curve=None):
-        self.endpoint = endpoint or protocol.default_endpoint()
-        self._curve_keys = _curve.client_keys(curve)
-        # Default per-call timeout in seconds (None: calls may run for ever).
-        self.timeout = timeout
-        # How long the broker may stay silent while we wait before the call
-        # fails with BrokerUnavailable (pings are answered every heartbeat).
-        self.broker_timeout = broker_timeout
-        self._context = context or zmq.Context.instance()
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.ROUTING_ID, m.new_identity())
-        self._socket.setsockopt(zmq.LINGER, 0)
-        _curve.secure(self._socket, self.endpoint, self._curve_keys)
-        self._handshake = _curve.watch(self._socket, self.endpoint, self._curve_keys)
-        self._socket.connect(self.endpoint)
-        self._state = ClientState.OPEN
-        self._next_id = 0
+        super().__init__(endpoint, timeout, broker_timeout, context, curve=curve)
         # Replies that arrived for requests other than the one being waited on.
         self._mailbox = collections.defaultdict(collections.deque)
         self._outstanding = set()
@@ -169,11 +144,8 @@ class Client(ModelCalls):
                                     "this client".format(self.endpoint))
         # Subscribed now, not at the first next(): what happens from here on is seen
         # (once ZeroMQ has connected, a few milliseconds).
-        socket = self._context.socket(zmq.SUB)
-        socket.setsockopt(zmq.LINGER, 0)
         # A CURVE broker's events over tcp need the same keys as its frontend.
-        _curve.secure(socket, endpoint, self._curve_keys)
-        socket.connect(endpoint)
+        socket, _ = open_socket(self._context, zmq.SUB, endpoint, self._curve_keys)
         for kind in kinds:
             socket.setsockopt(zmq.SUBSCRIBE, kind.encode())
         return self._event_stream(socket, kinds, timeout)
@@ -222,9 +194,7 @@ class Client(ModelCalls):
 
     def close(self):
         if self._state is ClientState.OPEN:
-            _curve.close(self._handshake)
-            self._socket.close(linger=0)
-            self._state = ClientState.CLOSED
+            self._close_socket()
 
     def __enter__(self):
         return self
@@ -233,15 +203,6 @@ class Client(ModelCalls):
         self.close()
 
     # --- internals ----------------------------------------------------------
-
-    def _check_open(self):
-        if self._state is not ClientState.OPEN:
-            raise StateError("this Client is {}; create a new one".format(self._state.value))
-
-    def _new_id(self):
-        self._check_open()
-        self._next_id += 1
-        return self._next_id
 
     def _send(self, frames):
         _curve.wait_to_send(self._handshake, self._socket, self.broker_timeout)
