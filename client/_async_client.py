@@ -25,9 +25,10 @@ class AsyncClient(BaseClient, AsyncModelCalls):
 
     _context_class = zmq.asyncio.Context
 
-    def __init__(self, endpoint=None, timeout=None, broker_timeout=10.0, context=None, *,
+    def __init__(self, endpoint=None, *, timeout=None, broker_timeout=10.0, context=None,
                  curve=None):
-        super().__init__(endpoint, timeout, broker_timeout, context, curve=curve)
+        super().__init__(endpoint, timeout=timeout, broker_timeout=broker_timeout,
+                         context=context, curve=curve)
         self._queues = {}  # request id -> asyncio.Queue of (header, payloads)
         # Requests whose message has left: only these may be asked about in a
         # ping (a request still being sent is unknown to the broker for now).
@@ -36,7 +37,7 @@ class AsyncClient(BaseClient, AsyncModelCalls):
         self._reader = None
         self._last_heard = time.monotonic()
 
-    async def call(self, model, method, timeout=m.NOT_SET, on_progress=None,
+    async def call(self, model, method, *, timeout=m.NOT_SET, on_progress=None,
                    priority=protocol.Priority.NORMAL, arguments=None, **kwargs):
         """Run `method` of `model` and return its result (see Client.call)."""
         result = None
@@ -48,7 +49,7 @@ class AsyncClient(BaseClient, AsyncModelCalls):
                 result = m.reply_value(header, payloads)
         return result
 
-    async def stream(self, model, method, timeout=m.NOT_SET, on_progress=None,
+    async def stream(self, model, method, *, timeout=m.NOT_SET, on_progress=None,
                      priority=protocol.Priority.NORMAL, arguments=None, **kwargs):
         """Async-iterate the partial chunks of a streaming method."""
         async for header, payloads in self._run(model, method, timeout, priority,
@@ -58,7 +59,7 @@ class AsyncClient(BaseClient, AsyncModelCalls):
             elif header["kind"] == protocol.PROGRESS and on_progress is not None:
                 on_progress(m.progress_of(header))
 
-    async def ps(self, timeout=5.0):
+    async def ps(self, *, timeout=5.0):
         request_id = self._new_id()
         queue = self._open(request_id)
         try:
@@ -76,11 +77,11 @@ class AsyncClient(BaseClient, AsyncModelCalls):
             m.raise_for(header)
         return m.reply_value(header, payloads)
 
-    async def load(self, name, timeout=None, priority=protocol.Priority.NORMAL):
+    async def load(self, name, *, timeout=None, priority=protocol.Priority.NORMAL):
         """Make daemon `name` resident and return its `ps` row (see Client.load)."""
         return await self._model_op(protocol.LOAD, name, timeout, priority)
 
-    async def unload(self, name, timeout=None):
+    async def unload(self, name, *, timeout=None):
         """Release daemon `name`'s weights once its running calls end; returns its `ps` row."""
         return await self._model_op(protocol.UNLOAD, name, timeout)
 

@@ -66,9 +66,10 @@ class Client(BaseClient, ModelCalls):
     Not thread-safe: use one Client per thread. `curve`: see BaseClient.
     """
 
-    def __init__(self, endpoint=None, timeout=None, broker_timeout=10.0, context=None, *,
+    def __init__(self, endpoint=None, *, timeout=None, broker_timeout=10.0, context=None,
                  curve=None):
-        super().__init__(endpoint, timeout, broker_timeout, context, curve=curve)
+        super().__init__(endpoint, timeout=timeout, broker_timeout=broker_timeout,
+                         context=context, curve=curve)
         # Replies that arrived for requests other than the one being waited on.
         self._mailbox = collections.defaultdict(collections.deque)
         self._outstanding = set()
@@ -80,7 +81,7 @@ class Client(BaseClient, ModelCalls):
 
     # --- public -------------------------------------------------------------
 
-    def call(self, model, method, timeout=m.NOT_SET, on_progress=None,
+    def call(self, model, method, *, timeout=m.NOT_SET, on_progress=None,
              priority=protocol.Priority.NORMAL, arguments=None, **kwargs):
         """Run `method` of `model` and return its result.
 
@@ -95,7 +96,7 @@ class Client(BaseClient, ModelCalls):
             pass  # an operation that streams anyway: chunks are dropped, the result kept
         return stream.result
 
-    def stream(self, model, method, timeout=m.NOT_SET, on_progress=None,
+    def stream(self, model, method, *, timeout=m.NOT_SET, on_progress=None,
                priority=protocol.Priority.NORMAL, arguments=None, **kwargs):
         """Run a streaming method; iterate the returned Stream for its chunks.
 
@@ -105,7 +106,7 @@ class Client(BaseClient, ModelCalls):
         return self._start(model, method, timeout, on_progress, priority,
                            m.merge_arguments(arguments, kwargs), stream=True)
 
-    def ps(self, timeout=5.0):
+    def ps(self, *, timeout=5.0):
         """The broker's status: {"broker": {...}, "daemons": [{name, state, pid, ...}]}."""
         request_id = self._new_id()
         self._expect(request_id)
@@ -122,7 +123,7 @@ class Client(BaseClient, ModelCalls):
                 self._handshake, "no answer from the broker at {} within {:.0f}s; is "
                 "`modelhost up` running?".format(self.endpoint, timeout)))
 
-    def events(self, kinds=None, timeout=None):
+    def events(self, *, kinds=None, timeout=None):
         """Iterate the broker's events as they happen: dicts with seq, time, kind,
         level, daemon and the fields of their kind (see `modelhost.protocol.EVENT_KINDS`
         and the README).
@@ -163,7 +164,7 @@ class Client(BaseClient, ModelCalls):
         finally:
             socket.close(linger=0)
 
-    def load(self, name, timeout=None, priority=protocol.Priority.NORMAL):
+    def load(self, name, *, timeout=None, priority=protocol.Priority.NORMAL):
         """Make daemon `name` resident and return its `ps` row.
 
         This may take minutes: the weights load, or the broker first waits for
@@ -173,7 +174,7 @@ class Client(BaseClient, ModelCalls):
         """
         return self._model_op(protocol.LOAD, name, timeout, priority)
 
-    def unload(self, name, timeout=None):
+    def unload(self, name, *, timeout=None):
         """Release daemon `name`'s weights (its process stays) and return its `ps` row.
 
         The broker lets the daemon's running calls finish first.

@@ -53,7 +53,7 @@ class BaseClient(object):
     # The ZeroMQ context class whose shared instance a client uses by default.
     _context_class = zmq.Context
 
-    def __init__(self, endpoint=None, timeout=None, broker_timeout=10.0, context=None, *,
+    def __init__(self, endpoint=None, *, timeout=None, broker_timeout=10.0, context=None,
                  curve=None):
         self.endpoint = endpoint or protocol.default_endpoint()
         self._curve_keys = _curve.client_keys(curve)
