@@ -9,8 +9,8 @@ import zmq.asyncio
 from . import _curve
 from . import _messages as m
 from . import protocol
-from ._connection import BaseClient, ClientState
-from .errors import BrokerUnavailable, Timeout
+from ._connection import BaseClient, ClientState, transport_error
+from .errors import BrokerUnavailable, ModelhostError, Timeout, TransportError
 from .models import AsyncModelCalls
 
 
@@ -29,7 +29,9 @@ class AsyncClient(BaseClient, AsyncModelCalls):
                  curve=None):
         super().__init__(endpoint, timeout=timeout, broker_timeout=broker_timeout,
                          context=context, curve=curve)
-        self._queues = {}  # request id -> asyncio.Queue of (header, payloads)
+        # request id -> asyncio.Queue of (header, payloads), or of the error that
+        # stopped the reader
+        self._queues = {}
         # Requests whose message has left: only these may be asked about in a
         # ping (a request still being sent is unknown to the broker for now).
         self._sent = set()
@@ -65,7 +67,7 @@ class AsyncClient(BaseClient, AsyncModelCalls):
         try:
             await self._send(m.control_frames(protocol.PS, request_id))
             self._sent.add(request_id)
-            header, payloads = await asyncio.wait_for(queue.get(), timeout)
+            header, payloads = await self._next_reply(queue, timeout)
         except asyncio.TimeoutError:
             raise BrokerUnavailable(_curve.explain(
                 self._handshake, "no answer from the broker at {} within {:.0f}s".format(
@@ -111,8 +113,19 @@ class AsyncClient(BaseClient, AsyncModelCalls):
     # --- internals ----------------------------------------------------------
 
     async def _send(self, frames, copy=True):
-        await _curve.wait_to_send_async(self._handshake, self._socket, self.broker_timeout)
-        await self._socket.send_multipart(frames, copy=copy)
+        try:
+            await _curve.wait_to_send_async(self._handshake, self._socket, self.broker_timeout)
+            await self._socket.send_multipart(frames, copy=copy)
+        except zmq.ZMQError as exc:
+            raise transport_error("send to", self.endpoint, exc) from exc
+
+    @staticmethod
+    async def _next_reply(queue, wait):
+        """A request's next (header, payloads); raises the error that stopped the reader."""
+        reply = await asyncio.wait_for(queue.get(), wait)
+        if isinstance(reply, ModelhostError):
+            raise reply
+        return reply
 
     def _open(self, request_id):
         if not self._queues:
@@ -151,7 +164,7 @@ class AsyncClient(BaseClient, AsyncModelCalls):
             while True:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
-                    header, payloads = await asyncio.wait_for(queue.get(), wait)
+                    header, payloads = await self._next_reply(queue, wait)
                 except asyncio.TimeoutError:
                     raise Timeout("no reply within the timeout (and {:.0f}s grace); the broker "
                                   "was asked to cancel the request".format(m.TIMEOUT_GRACE_S))
@@ -168,7 +181,10 @@ class AsyncClient(BaseClient, AsyncModelCalls):
             self._sent.discard(request_id)
             if not finished and self._state is ClientState.OPEN:
                 # Cancelled task, timeout, or an abandoned stream: stop the remote work.
-                await self.cancel(request_id)
+                try:
+                    await self.cancel(request_id)
+                except TransportError:
+                    pass  # a socket that cannot send: what failed the request says why
 
     async def _read(self):
         """Route replies to their request's queue; ping while requests are outstanding."""
@@ -198,7 +214,27 @@ class AsyncClient(BaseClient, AsyncModelCalls):
                             queue.put_nowait((error, []))
                         return
         except asyncio.CancelledError:
-            pass
+            if self._state is ClientState.OPEN and self._socket.closed:
+                # Closed under the client (its context destroyed): pyzmq cancels what
+                # waits on the socket, which is no reason for the calls to wait for ever.
+                for queue in self._queues.values():
+                    queue.put_nowait(TransportError(
+                        "cannot receive from the broker at {}: the client's socket was "
+                        "closed (its ZeroMQ context terminated)".format(self.endpoint)))
+        except (zmq.ZMQError, ModelhostError) as exc:
+            # The socket failed, or a reply could not be read (whose it was is unknown):
+            # every waiting request ends with the reason. A new request starts a new reader.
+            for queue in self._queues.values():
+                queue.put_nowait(self._reader_failure(exc))
+
+    def _reader_failure(self, exc):
+        """A fresh error for one waiting request, raised from what stopped the reader."""
+        if isinstance(exc, zmq.ZMQError):
+            error, cause = transport_error("receive from", self.endpoint, exc), exc
+        else:  # BadMessage or ProtocolMismatch from decoding a reply
+            error, cause = type(exc)(exc.message, exc.details), exc.__cause__
+        error.__cause__ = cause
+        return error
 
     def _route(self, header, payloads):
         if header.get("kind") == protocol.PONG:

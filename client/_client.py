@@ -8,7 +8,7 @@ import zmq
 from . import _curve
 from . import _messages as m
 from . import protocol
-from ._connection import BaseClient, ClientState, open_socket
+from ._connection import BaseClient, ClientState, open_socket, transport_error
 from .errors import BrokerUnavailable, Timeout
 from .models import ModelCalls
 
@@ -149,14 +149,20 @@ class Client(BaseClient, ModelCalls):
         socket, _ = open_socket(self._context, zmq.SUB, endpoint, self._curve_keys)
         for kind in kinds:
             socket.setsockopt(zmq.SUBSCRIBE, kind.encode())
-        return self._event_stream(socket, kinds, timeout)
+        return self._event_stream(socket, endpoint, kinds, timeout)
 
     @staticmethod
-    def _event_stream(socket, kinds, timeout):
+    def _event_stream(socket, endpoint, kinds, timeout):
         try:
-            while socket.poll(None if timeout is None else int(timeout * 1000)):
+            while True:
+                try:
+                    if not socket.poll(None if timeout is None else int(timeout * 1000)):
+                        return
+                    frames = socket.recv_multipart()
+                except zmq.ZMQError as exc:
+                    raise transport_error("receive events from", endpoint, exc) from exc
                 # A broker of another protocol version raises ProtocolMismatch here.
-                event = protocol.decode_event(socket.recv_multipart())
+                event = protocol.decode_event(frames)
                 # Topics are prefixes: "move" also matches "moved".
                 if event.get("kind") in kinds:
                     event.pop("v", None)
@@ -206,8 +212,11 @@ class Client(BaseClient, ModelCalls):
     # --- internals ----------------------------------------------------------
 
     def _send(self, frames):
-        _curve.wait_to_send(self._handshake, self._socket, self.broker_timeout)
-        protocol.send(self._socket, frames)
+        try:
+            _curve.wait_to_send(self._handshake, self._socket, self.broker_timeout)
+            protocol.send(self._socket, frames)
+        except zmq.ZMQError as exc:
+            raise transport_error("send to", self.endpoint, exc) from exc
 
     def _expect(self, request_id):
         if not self._outstanding:
@@ -282,8 +291,15 @@ class Client(BaseClient, ModelCalls):
         wait = protocol.HEARTBEAT_S
         if deadline is not None:
             wait = min(wait, max(0.0, deadline + grace - now))
-        if self._poller.poll(wait * 1000):
-            self._drain()
+        self._wait(wait * 1000)
+
+    def _wait(self, timeout_ms):
+        """Take in what arrives within timeout_ms (into the mailboxes)."""
+        try:
+            if self._poller.poll(timeout_ms):
+                self._drain()
+        except zmq.ZMQError as exc:
+            raise transport_error("receive from", self.endpoint, exc) from exc
 
     def _drain(self):
         # EVENTS instead of catching zmq.Again: an exception per wakeup costs
@@ -312,7 +328,6 @@ class Client(BaseClient, ModelCalls):
                 box = self._mailbox.get(request_id)
                 if box and box[-1][0]["kind"] in protocol.TERMINAL_KINDS:
                     break
-                if self._poller.poll(100):
-                    self._drain()
+                self._wait(100)
         finally:
             self._forget(request_id)

@@ -1,6 +1,10 @@
 """What Client and AsyncClient share: their options, their lifecycle, and the socket to
 the broker (endpoint, identity, linger, CURVE), set up here once for both.
 
+The clients' boundary: a ZeroMQ failure (a malformed endpoint, a socket or context
+closed under the client) leaves a client as a TransportError raised from the
+ZeroMQ error; a reply that is not msgpack is a BadMessage (modelhost.protocol.decode).
+
 Runs on Python >= 3.7 with pyzmq and msgpack.
 """
 
@@ -11,7 +15,7 @@ import zmq
 from . import _curve
 from . import _messages as m
 from . import protocol
-from .errors import StateError
+from .errors import StateError, TransportError
 
 
 class ClientState(enum.Enum):
@@ -23,7 +27,10 @@ def open_socket(context, kind, endpoint, curve_keys, identity=None, watch=False)
     """(socket, handshake watcher or None): a socket of `kind` connected to `endpoint`,
     without linger, a CURVE client on tcp:// when there are keys; `identity` its routing
     id; `watch`: watch its handshakes, so that a silent broker can be explained."""
-    socket = context.socket(kind)
+    try:
+        socket = context.socket(kind)
+    except zmq.ZMQError as exc:  # a context that was terminated
+        raise transport_error("connect to", endpoint, exc) from exc
     handshake = None
     try:
         if identity is not None:
@@ -33,11 +40,20 @@ def open_socket(context, kind, endpoint, curve_keys, identity=None, watch=False)
         if watch:
             handshake = _curve.watch(socket, endpoint, curve_keys)
         socket.connect(endpoint)
-    except BaseException:
+    except BaseException as exc:
         _curve.close(handshake)
         socket.close(linger=0)
+        if isinstance(exc, zmq.ZMQError):
+            raise transport_error("connect to", endpoint, exc, "; an endpoint looks like "
+                                  "ipc:///path/to/frontend.sock or tcp://host:port") from exc
         raise
     return socket, handshake
+
+
+def transport_error(doing, endpoint, exc, hint=""):
+    """The TransportError for the ZeroMQ error `exc` while `doing` ("send to", "receive
+    from") the broker at `endpoint`; the caller raises it `from exc`."""
+    return TransportError("cannot {} the broker at {}: {}{}".format(doing, endpoint, exc, hint))
 
 
 class BaseClient(object):
