@@ -241,6 +241,17 @@ def memory_op_line(verb, name, row, elapsed=None):
     return line
 
 
+# (verb, help, what its --timeout waits for; None: it takes no timeout)
+MEMORY_VERBS = (
+    ("load", "make a daemon resident (evicting idle ones if needed)",
+     "seconds to wait for room and the load (default: no limit)"),
+    ("unload", "release a daemon's weights once its calls end",
+     "seconds to wait for running calls (default: no limit)"),
+    ("pin", "never evict a daemon (until unpin)", None),
+    ("unpin", "let a pinned daemon be evicted again", None),
+)
+
+
 def cmd_memory_op(args):
     started = time.monotonic()
     with Client(endpoint_of(args)) as client:
@@ -306,28 +317,13 @@ def add_commands(sub):
                      help="seconds to wait for the broker's answer each refresh (default 2)")
     top.set_defaults(handler=cmd_top)
 
-    load = sub.add_parser("load", help="make a daemon resident (evicting idle ones if needed)")
-    client_options(load)
-    load.add_argument("name", metavar="NAME")
-    load.add_argument("--timeout", type=float,
-                      help="seconds to wait for room and the load (default: no limit)")
-    load.add_argument("--priority", default=protocol.Priority.NORMAL,
-                      choices=protocol.Priority.ALL)
-    load.set_defaults(handler=cmd_memory_op)
-
-    unload = sub.add_parser("unload", help="release a daemon's weights once its calls end")
-    client_options(unload)
-    unload.add_argument("name", metavar="NAME")
-    unload.add_argument("--timeout", type=float,
-                        help="seconds to wait for running calls (default: no limit)")
-    unload.set_defaults(handler=cmd_memory_op)
-
-    pin = sub.add_parser("pin", help="never evict a daemon (until unpin)")
-    client_options(pin)
-    pin.add_argument("name", metavar="NAME")
-    pin.set_defaults(handler=cmd_memory_op)
-
-    unpin = sub.add_parser("unpin", help="let a pinned daemon be evicted again")
-    client_options(unpin)
-    unpin.add_argument("name", metavar="NAME")
-    unpin.set_defaults(handler=cmd_memory_op)
+    for verb, summary, timeout_help in MEMORY_VERBS:
+        parser = sub.add_parser(verb, help=summary)
+        client_options(parser)
+        parser.add_argument("name", metavar="NAME")
+        if timeout_help:
+            parser.add_argument("--timeout", type=float, help=timeout_help)
+        if verb == "load":
+            parser.add_argument("--priority", default=protocol.Priority.NORMAL,
+                                choices=protocol.Priority.ALL)
+        parser.set_defaults(handler=cmd_memory_op)
