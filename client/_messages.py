@@ -14,7 +14,19 @@ TIMEOUT_GRACE_S = 2.0
 # After Ctrl-C, how long to wait for the daemon to confirm the cancellation.
 CANCEL_GRACE_S = 2.0
 
-NOT_SET = object()
+
+class _NotSet(object):
+    """The default of an option whose None means something (no timeout, no limit):
+    the caller did not set it, so the client's own default or the daemon's stands."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        return "NOT_SET"
+
+
+# The one "not set" sentinel of the package (Client, AsyncClient and their helpers).
+NOT_SET = _NotSet()
 
 
 def new_identity():

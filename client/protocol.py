@@ -337,13 +337,13 @@ def state_message(*, state, tier, mem, loads, facts, error, took_s=None, failed=
 # Replies: daemon -> client through the broker, and the broker's own.
 
 def partial_reply(request_id, client, seq, value):
-    return _value_frames({"kind": PARTIAL, "id": request_id, "client": client, "seq": seq},
-                         "value", value)
+    return _value_frames(_reply_route({"kind": PARTIAL, "id": request_id, "seq": seq},
+                                      client, None), "value", value)
 
 
 def progress_reply(request_id, client, fraction, stage, message):
-    return _frames({"kind": PROGRESS, "id": request_id, "client": client,
-                    "fraction": fraction, "stage": stage, "message": message})
+    return _frames(_reply_route({"kind": PROGRESS, "id": request_id, "fraction": fraction,
+                                 "stage": stage, "message": message}, client, None))
 
 
 def result_reply(request_id, value, client=None, mem=None):
