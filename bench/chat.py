@@ -1,6 +1,6 @@
 """A scripted 10-turn voice chat through modelhost against the same conversation the old way.
 
-    python3 bench/chat.py [--turns N] [--quick] [--token-delay S] [--json FILE]
+    python3 bench/chat.py [--turns N] [--quick] [--token-delay S] [--load-s S ...] [--json FILE]
 
 Each turn starts from a WAV file of the user's question (spoken by espeak
 beforehand), goes through speech recognition, a language model and
@@ -25,8 +25,11 @@ on two sets of engines (on this interpreter, `venv: false`, for both paths):
   default    the embedded default's: espeak-ng and PocketSphinx (loads of
              ~0.05 s and ~0.5 s);
   slow-load  the same engines with a realistic load time: each load() first
-             sleeps 3 s (bench/engines/chat_engine.py), as reading a real
-             model's weights from disk does.
+             sleeps S seconds (bench/engines/chat_engine.py), as reading a real
+             model's weights from disk does. By default one set at 3 s (the
+             low end: a small Whisper model) and one at 10 s (nearer
+             CosyVoice2, three networks and two ONNX frontends; not measured
+             here, there are no weights): `--load-s` picks the values.
 
 The turns of the two paths alternate (turn i through modelhost, then turn i
 the old way), so that drift on the machine hits both. Per path: time to the
@@ -63,7 +66,7 @@ from modelhost.pipelines import chat_io  # noqa: E402
 from modelhost.pipelines.chat import Chat, ChatConfig  # noqa: E402
 
 READY_TIMEOUT_S = 120.0
-SLOW_LOAD_S = 3.0
+SLOW_LOADS_S = (3.0, 10.0)
 
 CONVERSATION = [
     ("what is two plus two", "Two plus two is four. Is there anything else?"),
@@ -88,15 +91,19 @@ ENGINE_SETS = {
         "tts": ("modelhost.daemons.espeak.engine", "EspeakEngine", {"voice": "en-us"}),
         "asr": ("modelhost.daemons.asr.pocketsphinx_engine", "PocketsphinxEngine", {}),
     },
-    "slow-load": {
-        "tts": ("chat_engine", "SlowLoadEspeak", {"voice": "en-us", "load_seconds": SLOW_LOAD_S}),
-        "asr": ("chat_engine", "SlowLoadPocketsphinx", {"load_seconds": SLOW_LOAD_S}),
-    },
     "null": {
         "tts": ("chat_engine", "NullSpeechEngine", {}),
         "asr": ("chat_engine", "NullSpeechEngine", {}),
     },
 }
+
+
+def slow_load_set(seconds):
+    """The default engines behind a load() that first sleeps `seconds`."""
+    return {
+        "tts": ("chat_engine", "SlowLoadEspeak", {"voice": "en-us", "load_seconds": seconds}),
+        "asr": ("chat_engine", "SlowLoadPocketsphinx", {"load_seconds": seconds}),
+    }
 
 # The old way, one stage: a fresh interpreter imports the engine, loads it, runs one call.
 OLD_STAGE = r"""
@@ -284,7 +291,7 @@ def summary(rows, key):
 
 def run_set(name, directory, questions, server, turns, old_too=True):
     engines = ENGINE_SETS[name]
-    host = Host(Path(directory) / name, engines)
+    host = Host(Path(directory) / name.replace(" ", "-"), engines)
     log("[{}] starting modelhost up".format(name))
     host.start()
     rows = {"modelhost": [], "old way": []}
@@ -323,8 +330,13 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="3 turns, 5 do-nothing turns")
     parser.add_argument("--token-delay", type=float, default=0.01,
                         help="seconds per LLM token (default 0.01)")
+    parser.add_argument("--load-s", type=float, nargs="+", default=list(SLOW_LOADS_S),
+                        help="load times of the slow-load sets (default 3 10)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
+    for seconds in args.load_s:
+        ENGINE_SETS["slow-load {:g}s".format(seconds)] = slow_load_set(seconds)
+    measured = [name for name in ENGINE_SETS if name != "null"]
     if args.quick:
         args.turns, args.null_turns = 3, 5
     load = os.getloadavg()
@@ -338,19 +350,19 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="mh-chat-", dir="/tmp") as directory, \
             OpenAITestServer(token_delay=args.token_delay) as server:
         questions = make_questions(directory, min(args.turns, len(CONVERSATION)))
-        for name in ("default", "slow-load"):
+        for name in measured:
             results[name] = run_set(name, directory, questions, server, args.turns)
         server.token_delay = 0.0
         results["null"] = run_set("null", directory, questions, server, args.null_turns,
                                   old_too=False)
     print("load average at end {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     print()
-    print("{:<10} {:<10} {:>9} {:>9} {:>9} {:>9} {:>10}".format(
+    print("{:<14} {:<10} {:>9} {:>9} {:>9} {:>9} {:>10}".format(
         "engines", "path", "1st audio", "p95", "total", "p95", "transcript"))
-    print("{:<10} {:<10} {:>9} {:>9} {:>9} {:>9} {:>10}".format(
+    print("{:<14} {:<10} {:>9} {:>9} {:>9} {:>9} {:>10}".format(
         "", "", "p50 s", "s", "p50 s", "s", "p50 s"))
     report = {}
-    for name in ("default", "slow-load", "null"):
+    for name in measured + ["null"]:
         rows, up_s = results[name]
         report[name] = {"up_to_loaded_s": up_s, "turns": rows}
         for path in ("modelhost", "old way"):
@@ -359,27 +371,27 @@ def main(argv=None):
             first = summary(rows[path], "first_audio_s")
             total = summary(rows[path], "total_s")
             heard = summary(rows[path], "transcript_s")
-            print("{:<10} {:<10} {:>9.3f} {:>9.3f} {:>9.3f} {:>9.3f} {:>10.3f}".format(
+            print("{:<14} {:<10} {:>9.3f} {:>9.3f} {:>9.3f} {:>9.3f} {:>10.3f}".format(
                 name, path, first[0], first[1], total[0], total[1], heard[0]))
     print()
     print("ratios (old way / modelhost):")
-    for name in ("default", "slow-load"):
+    for name in measured:
         rows = results[name][0]
         first_m, first_o = summary(rows["modelhost"], "first_audio_s"), summary(
             rows["old way"], "first_audio_s")
         total_m, total_o = summary(rows["modelhost"], "total_s"), summary(rows["old way"],
                                                                             "total_s")
-        print("  {:<10} first audio p50 {:.1f}x, p95 {:.1f}x; total p50 {:.1f}x, p95 {:.1f}x".format(
+        print("  {:<14} first audio p50 {:.1f}x, p95 {:.1f}x; total p50 {:.1f}x, p95 {:.1f}x".format(
             name, first_o[0] / first_m[0], first_o[1] / first_m[1], total_o[0] / total_m[0],
             total_o[1] / total_m[1]))
     print()
     print("modelhost's own cost per turn:")
-    for name in ("default", "slow-load", "null"):
+    for name in measured + ["null"]:
         rows = results[name][0]["modelhost"]
         transit = summary(rows, "transit_s")
         engines = summary(rows, "engines_run_s")
         per_call = sorted(t for row in rows for t in row["transit_per_call_s"])
-        print("  {:<10} calls outside the daemons' run: p50 {:.1f} ms a turn ({:.2f} ms a call, "
+        print("  {:<14} calls outside the daemons' run: p50 {:.1f} ms a turn ({:.2f} ms a call, "
               "{:.1f} calls), engines' summed run time p50 {:.3f}s, turn total p50 {:.3f}s".format(
                   name, 1000 * transit[0], 1000 * percentile(per_call, 0.5),
                   sum(r["calls"] for r in rows) / float(len(rows)), engines[0],

@@ -12,16 +12,16 @@ import timeit
 
 from modelhost import protocol
 
-HEADERS = {
-    "call": (protocol.check_request, {
-        "op": "call", "id": 12345, "model": "espeak", "method": "tts", "priority": "normal",
-        "stream": True, "timeout": 30.0, "args": {"text": "hello there", "voice": "en"}}),
-    "result": (protocol.check_reply, {
-        "kind": "result", "id": 12345, "client": b"c-4242-0123456789ab",
-        "mem": {"rss_peak": 123456789, "cuda_peak": None}, "value": {"sample_rate": 22050}}),
-    "heartbeat": (protocol.check_daemon_message, {
-        "op": "heartbeat", "state": "ready", "running": 1,
-        "mem": {"rss": 1, "rss_peak": 2, "cuda": None, "cuda_peak": None}}),
+# Each message as its peer builds it: its frames.
+MESSAGES = {
+    "call": (protocol.check_request, protocol.call_message(
+        12345, "espeak", "tts", {"text": "hello there", "voice": "en"},
+        protocol.Priority.NORMAL, True, 30.0)),
+    "result": (protocol.check_reply, protocol.result_reply(
+        12345, {"sample_rate": 22050}, b"c-4242-0123456789ab",
+        {"rss_peak": 123456789, "cuda_peak": None})),
+    "heartbeat": (protocol.check_daemon_message, protocol.heartbeat_message(
+        protocol.DaemonState.READY, 1, {"rss": 1, "rss_peak": 2, "cuda": None, "cuda_peak": None})),
 }
 
 
@@ -30,8 +30,8 @@ def main():
     parser.add_argument("--n", type=int, default=200000)
     args = parser.parse_args()
     print("{:<10} {:>12} {:>12} {:>8}".format("message", "decode us", "check us", "ratio"))
-    for name, (check, header) in HEADERS.items():
-        frame = protocol.encode(header)[0]
+    for name, (check, frames) in MESSAGES.items():
+        frame = frames[0]
         decode = min(timeit.repeat(lambda: protocol.decode_header(frame), number=args.n,
                                    repeat=5)) / args.n
         decoded = protocol.decode_header(frame)

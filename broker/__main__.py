@@ -8,7 +8,7 @@ import sys
 
 import zmq
 
-from modelhost import protocol
+from modelhost import local
 
 from .broker import Broker
 from .config import ConfigError, load_config
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
         print("modelhost broker: refusing to start on a bad configuration:\n{}".format(exc),
               file=sys.stderr)
         return 2
-    protocol.configure_logging("broker", config.broker.log_level)
+    local.configure_logging("broker", config.broker.log_level)
     try:
         broker = Broker(config, parent_pid=args.parent_pid, systemd_scope=args.systemd)
     except (OSError, zmq.ZMQError) as exc:

@@ -43,11 +43,6 @@ log = logging.getLogger("modelhost.broker")
 DELIVERED_REMEMBERED = 4096
 
 
-def error_reply(request_id, error: ModelhostError) -> dict:
-    """The header of the error reply that carries `error` (its code, message and details)."""
-    return protocol.error_header(request_id, error.code, error.message, error.details)
-
-
 def prepare_ipc(endpoint: str) -> None:
     """Create the ipc socket's directory, owner-only, and clear a stale socket file."""
     if not endpoint.startswith("ipc://"):
@@ -189,10 +184,9 @@ class Broker:
     # --- effects (called by the scheduler) ----------------------------------
 
     def dispatch(self, daemon, request: Request) -> bool:
-        header = dict(request.forward, op=protocol.CALL, id=request.id, client=request.client)
-        if request.deadline is not None:
-            header["timeout"] = max(0.0, request.deadline - self.clock())
-        if not self._to_daemon(request.sender, header, request.payloads):
+        timeout = None if request.deadline is None else max(0.0, request.deadline - self.clock())
+        if not self._to_daemon(request.sender, protocol.dispatch_message(
+                request.id, request.client, request.forward, request.payloads, timeout)):
             return False
         # The broker keeps no reference to payloads once they are sent.
         request.payloads = []
@@ -200,12 +194,11 @@ class Broker:
 
     def cancel_remote(self, daemon, request: Request) -> None:
         if daemon.identity is not None:
-            self._to_daemon(daemon.identity, {"op": protocol.CANCEL, "id": request.id,
-                                              "client": request.client})
+            self._to_daemon(daemon.identity, protocol.cancel_message(request.id, request.client))
 
-    def _to_daemon(self, identity: bytes, header: dict, payloads=()) -> bool:
+    def _to_daemon(self, identity: bytes, frames: list) -> bool:
         try:
-            protocol.send(self.backend, [identity] + protocol.encode(header, payloads))
+            protocol.send(self.backend, [identity] + frames)
             return True
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
@@ -214,7 +207,7 @@ class Broker:
 
     def set_tier(self, daemon, tier: str) -> None:
         if daemon.identity is not None:
-            self._to_daemon(daemon.identity, {"op": protocol.TIER, "tier": tier})
+            self._to_daemon(daemon.identity, protocol.tier_message(tier))
 
     def set_process(self, daemon, running: bool) -> None:
         if running:
@@ -225,19 +218,17 @@ class Broker:
             self.units.set_running(daemon.name, running)
 
     def reply_result(self, request: Request, value) -> None:
-        self._to_client(request.client, {"kind": protocol.RESULT, "id": request.id,
-                                         "value": value})
+        self._to_client(request.client, protocol.result_reply(request.id, value))
         self._ended(request, OK)
 
     def reply_error(self, request: Request, error: ModelhostError) -> None:
         log.info("daemon=%s rid=%s error %s: %s", request.model, request.id, error.code,
                  error.message)
-        self._to_client(request.client, error_reply(request.id, error))
+        self._to_client(request.client, protocol.error_reply(request.id, error))
         self._ended(request, error.code, error.message)
 
     def reply_cancelled(self, request: Request, message: str) -> None:
-        self._to_client(request.client, {"kind": protocol.CANCELLED, "id": request.id,
-                                         "message": message})
+        self._to_client(request.client, protocol.cancelled_reply(request.id, message))
         self._ended(request, Cancelled.code)
 
     def event(self, kind: str, daemon: str | None, **fields) -> None:
@@ -275,10 +266,7 @@ class Broker:
                              previous=None if before is None else before[0], tier=tier,
                              error=error)
 
-    def _to_client(self, client: bytes, header: dict, *, hold: bool = True) -> None:
-        self._to_client_frames(client, protocol.encode(header), hold=hold)
-
-    def _to_client_frames(self, client: bytes, frames: list, *, hold: bool = True) -> None:
+    def _to_client(self, client: bytes, frames: list, *, hold: bool = True) -> None:
         """Send to a client, or hold the message until it reconnects (see parking.py).
 
         `hold=False` for what is stale by the time a client comes back (a pong).
@@ -320,12 +308,12 @@ class Broker:
         except ModelhostError as exc:
             # Malformed: answered, and nothing of it reaches the scheduler. The
             # request id travels in the details only so far: the reply names it.
-            self._to_client(client, error_reply(exc.details.pop("id", None), exc))
+            self._to_client(client, protocol.error_reply(exc.details.pop("id", None), exc))
             return
         self.scheduler.on_client_seen(client)
         # The client is (back) on the line: what was kept for it goes first.
         for held in self.held_for_clients.release(client):
-            self._to_client_frames(client, held)
+            self._to_client(client, held)
         op = header["op"]
         try:
             self._on_request(client, op, header, payloads)
@@ -333,7 +321,7 @@ class Broker:
             # A bug, not bad input (that was refused above): the request still
             # gets its one terminal reply, and the loop goes on.
             log.exception("internal error while handling a client %s; answered `internal`", op)
-            self._to_client(client, error_reply(header.get("id"), InternalError(
+            self._to_client(client, protocol.error_reply(header.get("id"), InternalError(
                 "the broker failed on this {} (a bug; its log has the details)".format(op))))
 
     def _on_request(self, client: bytes, op: str, header: dict, payloads: list) -> None:
@@ -343,18 +331,17 @@ class Broker:
         elif op == protocol.CANCEL:
             self.scheduler.on_cancel(client, request_id)
         elif op == protocol.PING:
-            waiting = header.get("ids", [])
+            waiting = header["ids"]
             self._deliver_unclaimed(client, set(waiting))
             known = [rid for rid in waiting if self.scheduler.knows(client, rid)]
             # Settled: up long enough for every live daemon to have registered
             # the calls it is running, so "unknown" now means lost.
             settled = self.clock() - self.started > self.config.broker.daemon_expiry_s + \
                 self.config.broker.heartbeat_s
-            self._to_client(client, {"kind": protocol.PONG, "id": request_id, "known": known,
-                                     "broker": self.instance, "settled": settled}, hold=False)
+            self._to_client(client, protocol.pong_reply(request_id, known, self.instance,
+                                                        settled), hold=False)
         elif op == protocol.PS:
-            self._to_client(client, {"kind": protocol.RESULT, "id": request_id,
-                                     "value": self.status()})
+            self._to_client(client, protocol.result_reply(request_id, self.status()))
         elif op in (protocol.LOAD, protocol.UNLOAD):
             self.on_tier_request(client, op, header)
         elif op in (protocol.PIN, protocol.UNPIN):
@@ -362,46 +349,46 @@ class Broker:
             try:
                 row = self.scheduler.set_pinned(name, op == protocol.PIN)
             except UnknownModel as error:
-                self._to_client(client, error_reply(request_id, error))
+                self._to_client(client, protocol.error_reply(request_id, error))
                 return
             self.store.pins[name] = op == protocol.PIN
             self.store.mark_dirty()
             self.store.save()
-            self._to_client(client, {"kind": protocol.RESULT, "id": request_id, "value": row})
+            self._to_client(client, protocol.result_reply(request_id, row))
         elif op == protocol.SUPERVISOR:
             if self.supervisor_token is None or not hmac.compare_digest(
                     header["token"], self.supervisor_token):
                 log.warning("refused a supervisor report from a client that is not this "
                             "broker's supervisor")
-                self._to_client(client, error_reply(request_id, BadMessage(
+                self._to_client(client, protocol.error_reply(request_id, BadMessage(
                     "supervisor reports come only from the supervisor that started this "
                     "broker (`modelhost up`)")))
                 return
             self.scheduler.on_supervisor_report(header["processes"])
-            self._to_client(client, {"kind": protocol.RESULT, "id": request_id,
-                                     "value": self.status()})
+            self._to_client(client, protocol.result_reply(request_id, self.status()))
 
     def on_tier_request(self, client: bytes, op: str, header: dict) -> None:
         """`modelhost load/unload NAME`: a request answered once the daemon is at the tier."""
-        timeout = header.get("timeout")
         self.scheduler.on_call(Request(
             client=client, id=header["id"], model=header["model"], method=op, forward={},
-            payloads=[], priority=header.get("priority", protocol.Priority.NORMAL),
-            enqueued_at=self.clock(),
+            payloads=[], priority=header["priority"], enqueued_at=self.clock(),
             action=Action.LOAD if op == protocol.LOAD else Action.UNLOAD,
-            deadline=None if timeout is None else self.clock() + float(timeout)))
+            deadline=self._deadline(header)))
 
     def on_call(self, client: bytes, header: dict, payloads: list) -> None:
-        timeout = header.get("timeout")
         request = Request(
             client=client, id=header["id"], model=header["model"], method=header["method"],
-            forward={"method": header["method"], "args": header.get("args", {}),
-                     "stream": header.get("stream", False)},
+            forward=protocol.call_forward(header),
             payloads=payloads,
             payload_bytes=sum(len(frame) for frame in payloads),
-            priority=header.get("priority", protocol.Priority.NORMAL), enqueued_at=self.clock(),
-            deadline=None if timeout is None else self.clock() + float(timeout))
+            priority=header["priority"], enqueued_at=self.clock(),
+            deadline=self._deadline(header))
         self.scheduler.on_call(request)
+
+    def _deadline(self, header: dict) -> float | None:
+        # The schema let through a finite, positive timeout, or none (its default).
+        timeout = header["timeout"]
+        return None if timeout is None else self.clock() + float(timeout)
 
     # --- backend ------------------------------------------------------------
 
@@ -459,7 +446,7 @@ class Broker:
         if name is None:
             # The control socket of a daemon this broker does not know yet (it
             # restarted): have it register.
-            self._to_daemon(identity, {"op": protocol.REREGISTER})
+            self._to_daemon(identity, protocol.reregister_message())
             return
         self.scheduler.on_daemon_seen(name, header.get("mem") if op == protocol.HEARTBEAT
                                       else None)
@@ -480,7 +467,7 @@ class Broker:
         if refusal is not None:
             log.error("daemon=%s refused a registration from pid %s (%r): %s", name,
                       header["pid"], identity, refusal.message)
-            self._to_daemon(identity, error_reply(None, refusal))
+            self._to_daemon(identity, protocol.error_reply(None, refusal))
             return
         registered = self.scheduler.on_daemon_registered(name, identity, header)
         if registered is None:
@@ -509,7 +496,7 @@ class Broker:
             if request_id not in waiting or key in self.delivered_unclaimed:
                 log.debug("rid=%s dropped a reply its client had already", request_id)
                 continue
-            self._to_client_frames(client, held.frames)
+            self._to_client(client, held.frames)
             if terminal:
                 # A ping sent before this reply arrived still lists the id.
                 self.delivered_unclaimed[key] = None
@@ -544,7 +531,7 @@ class Broker:
                           "not know: no room to hold it", name, header["id"])
         elif route is Route.FORWARD:
             # The daemon's header frame goes to the client unchanged.
-            self._to_client_frames(client, body)
+            self._to_client(client, body)
             if request is not None:
                 kind = header["kind"]
                 if kind == protocol.RESULT:
@@ -700,8 +687,9 @@ class Broker:
             log.error("the supervising process %s is gone; stopping", self.parent_pid)
             self.stopping = True
             return
+        heartbeat = protocol.heartbeat_message()
         for identity in self.scheduler.control_sockets():
-            self._to_daemon(identity, {"op": protocol.HEARTBEAT})
+            self._to_daemon(identity, heartbeat)
         if self.units is not None:
             report = self.units.poll()
             if report:

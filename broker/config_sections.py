@@ -17,7 +17,8 @@ from typing import Any
 
 from yaml.nodes import MappingNode, Node
 
-from modelhost.protocol import Priority, default_runtime_dir
+from modelhost.local import default_runtime_dir
+from modelhost.protocol import Priority
 
 from .config_model import (
     PYTHON_VERSION, BrokerConfig, CurveConfig, DaemonConfig, DeviceLimit, MemoryConfig,

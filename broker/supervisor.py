@@ -448,10 +448,8 @@ class Supervisor:
             processes = {name: child.report() for name, child in self.children.items()
                          if name not in self.helpers}
             try:
-                self.link.send_multipart(protocol.encode(
-                    {"op": protocol.SUPERVISOR, "id": self.link_seq, "processes": processes,
-                     "token": self.token}),
-                    zmq.NOBLOCK)
+                self.link.send_multipart(protocol.supervisor_message(
+                    self.link_seq, processes, self.token), zmq.NOBLOCK)
             except zmq.Again:
                 pass  # the broker is restarting; the next tick tries again
             self.link_sent_at = now

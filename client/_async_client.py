@@ -9,36 +9,29 @@ import zmq.asyncio
 from . import _curve
 from . import _messages as m
 from . import protocol
-from ._client import ClientState
-from .errors import BrokerUnavailable, StateError, Timeout
+from ._connection import BaseClient, ClientState, transport_error
+from .errors import BrokerUnavailable, ModelhostError, Timeout, TransportError
 from .models import AsyncModelCalls
 
 
-class AsyncClient(AsyncModelCalls):
+class AsyncClient(BaseClient, AsyncModelCalls):
     """An asyncio modelhost client; safe to share between tasks of one event loop.
 
         async with AsyncClient() as client:
             result = await client.call("espeak", "tts", text="hello")
 
-    Cancelling the task awaiting a call cancels the remote work. `curve`: as for Client.
+    Cancelling the task awaiting a call cancels the remote work. `curve`: see BaseClient.
     """
 
-    def __init__(self, endpoint=None, timeout=None, broker_timeout=10.0, context=None, *,
+    _context_class = zmq.asyncio.Context
+
+    def __init__(self, endpoint=None, *, timeout=None, broker_timeout=10.0, context=None,
                  curve=None):
-        self.endpoint = endpoint or protocol.default_endpoint()
-        curve_keys = _curve.client_keys(curve)
-        self.timeout = timeout
-        self.broker_timeout = broker_timeout
-        self._context = context or zmq.asyncio.Context.instance()
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.ROUTING_ID, m.new_identity())
-        self._socket.setsockopt(zmq.LINGER, 0)
-        _curve.secure(self._socket, self.endpoint, curve_keys)
-        self._handshake = _curve.watch(self._socket, self.endpoint, curve_keys)
-        self._socket.connect(self.endpoint)
-        self._state = ClientState.OPEN
-        self._next_id = 0
-        self._queues = {}  # request id -> asyncio.Queue of (header, payloads)
+        super().__init__(endpoint, timeout=timeout, broker_timeout=broker_timeout,
+                         context=context, curve=curve)
+        # request id -> asyncio.Queue of (header, payloads), or of the error that
+        # stopped the reader
+        self._queues = {}
         # Requests whose message has left: only these may be asked about in a
         # ping (a request still being sent is unknown to the broker for now).
         self._sent = set()
@@ -46,7 +39,7 @@ class AsyncClient(AsyncModelCalls):
         self._reader = None
         self._last_heard = time.monotonic()
 
-    async def call(self, model, method, timeout=m.NOT_SET, on_progress=None,
+    async def call(self, model, method, *, timeout=m.NOT_SET, on_progress=None,
                    priority=protocol.Priority.NORMAL, arguments=None, **kwargs):
         """Run `method` of `model` and return its result (see Client.call)."""
         result = None
@@ -55,26 +48,26 @@ class AsyncClient(AsyncModelCalls):
             if header["kind"] == protocol.PROGRESS and on_progress is not None:
                 on_progress(m.progress_of(header))
             elif header["kind"] == protocol.RESULT:
-                result = m.reply_value(header, payloads)
+                result = protocol.reply_value(header, payloads)
         return result
 
-    async def stream(self, model, method, timeout=m.NOT_SET, on_progress=None,
+    async def stream(self, model, method, *, timeout=m.NOT_SET, on_progress=None,
                      priority=protocol.Priority.NORMAL, arguments=None, **kwargs):
         """Async-iterate the partial chunks of a streaming method."""
         async for header, payloads in self._run(model, method, timeout, priority,
                                                 m.merge_arguments(arguments, kwargs), True):
             if header["kind"] == protocol.PARTIAL:
-                yield m.reply_value(header, payloads)
+                yield protocol.reply_value(header, payloads)
             elif header["kind"] == protocol.PROGRESS and on_progress is not None:
                 on_progress(m.progress_of(header))
 
-    async def ps(self, timeout=5.0):
+    async def ps(self, *, timeout=5.0):
         request_id = self._new_id()
         queue = self._open(request_id)
         try:
-            await self._send(m.control_frames(protocol.PS, request_id))
+            await self._send(protocol.ps_message(request_id))
             self._sent.add(request_id)
-            header, payloads = await asyncio.wait_for(queue.get(), timeout)
+            header, payloads = await self._next_reply(queue, timeout)
         except asyncio.TimeoutError:
             raise BrokerUnavailable(_curve.explain(
                 self._handshake, "no answer from the broker at {} within {:.0f}s".format(
@@ -83,14 +76,14 @@ class AsyncClient(AsyncModelCalls):
             self._queues.pop(request_id, None)
             self._sent.discard(request_id)
         if header["kind"] != protocol.RESULT:
-            m.raise_for(header)
-        return m.reply_value(header, payloads)
+            raise protocol.reply_error(header)
+        return protocol.reply_value(header, payloads)
 
-    async def load(self, name, timeout=None, priority=protocol.Priority.NORMAL):
+    async def load(self, name, *, timeout=None, priority=protocol.Priority.NORMAL):
         """Make daemon `name` resident and return its `ps` row (see Client.load)."""
         return await self._model_op(protocol.LOAD, name, timeout, priority)
 
-    async def unload(self, name, timeout=None):
+    async def unload(self, name, *, timeout=None):
         """Release daemon `name`'s weights once its running calls end; returns its `ps` row."""
         return await self._model_op(protocol.UNLOAD, name, timeout)
 
@@ -103,15 +96,13 @@ class AsyncClient(AsyncModelCalls):
         return await self._model_op(protocol.UNPIN, name)
 
     async def cancel(self, request_id):
-        await self._send(m.control_frames(protocol.CANCEL, request_id))
+        await self._send(protocol.cancel_message(request_id))
 
     async def aclose(self):
         if self._state is ClientState.OPEN:
-            self._state = ClientState.CLOSED
             if self._reader is not None:
                 self._reader.cancel()
-            _curve.close(self._handshake)
-            self._socket.close(linger=0)
+            self._close_socket()
 
     async def __aenter__(self):
         return self
@@ -121,15 +112,20 @@ class AsyncClient(AsyncModelCalls):
 
     # --- internals ----------------------------------------------------------
 
-    def _new_id(self):
-        if self._state is not ClientState.OPEN:
-            raise StateError("this AsyncClient is {}; create a new one".format(self._state.value))
-        self._next_id += 1
-        return self._next_id
-
     async def _send(self, frames, copy=True):
-        await _curve.wait_to_send_async(self._handshake, self._socket, self.broker_timeout)
-        await self._socket.send_multipart(frames, copy=copy)
+        try:
+            await _curve.wait_to_send_async(self._handshake, self._socket, self.broker_timeout)
+            await self._socket.send_multipart(frames, copy=copy)
+        except zmq.ZMQError as exc:
+            raise transport_error("send to", self.endpoint, exc) from exc
+
+    @staticmethod
+    async def _next_reply(queue, wait):
+        """A request's next (header, payloads); raises the error that stopped the reader."""
+        reply = await asyncio.wait_for(queue.get(), wait)
+        if isinstance(reply, ModelhostError):
+            raise reply
+        return reply
 
     def _open(self, request_id):
         if not self._queues:
@@ -145,16 +141,17 @@ class AsyncClient(AsyncModelCalls):
         if timeout is m.NOT_SET:
             timeout = self.timeout
         request_id = self._new_id()
-        frames = m.call_frames(request_id, model, method, args, timeout, priority, stream)
+        frames = protocol.call_message(request_id, model, method, args, priority, stream,
+                                      timeout)
         return self._exchange(request_id, frames, timeout)
 
     async def _model_op(self, op, model, timeout=None, priority=None):
         request_id = self._new_id()
-        frames = m.model_op_frames(op, request_id, model, timeout, priority)
+        frames = protocol.model_message(op, request_id, model, timeout, priority)
         result = None
         async for header, payloads in self._exchange(request_id, frames, timeout):
             if header["kind"] == protocol.RESULT:
-                result = m.reply_value(header, payloads)
+                result = protocol.reply_value(header, payloads)
         return result
 
     async def _exchange(self, request_id, frames, timeout):
@@ -168,14 +165,14 @@ class AsyncClient(AsyncModelCalls):
             while True:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
-                    header, payloads = await asyncio.wait_for(queue.get(), wait)
+                    header, payloads = await self._next_reply(queue, wait)
                 except asyncio.TimeoutError:
                     raise Timeout("no reply within the timeout (and {:.0f}s grace); the broker "
                                   "was asked to cancel the request".format(m.TIMEOUT_GRACE_S))
                 kind = header["kind"]
                 if kind in (protocol.ERROR, protocol.CANCELLED):
                     finished = True
-                    m.raise_for(header)
+                    raise protocol.reply_error(header)
                 yield header, payloads
                 if kind == protocol.RESULT:
                     finished = True
@@ -185,7 +182,10 @@ class AsyncClient(AsyncModelCalls):
             self._sent.discard(request_id)
             if not finished and self._state is ClientState.OPEN:
                 # Cancelled task, timeout, or an abandoned stream: stop the remote work.
-                await self.cancel(request_id)
+                try:
+                    await self.cancel(request_id)
+                except TransportError:
+                    pass  # a socket that cannot send: what failed the request says why
 
     async def _read(self):
         """Route replies to their request's queue; ping while requests are outstanding."""
@@ -207,15 +207,34 @@ class AsyncClient(AsyncModelCalls):
                         await self._socket.send_multipart(self._pings.frames(self._sent))
                     silent = time.monotonic() - self._last_heard
                     if silent > self.broker_timeout:
-                        error = protocol.error_header(
-                            None, BrokerUnavailable.code, _curve.explain(
-                                self._handshake, "no answer from the broker at {} for {:.0f}s; "
-                                "is `modelhost up` running?".format(self.endpoint, silent)))
+                        error = protocol.error_header(None, BrokerUnavailable(_curve.explain(
+                            self._handshake, "no answer from the broker at {} for {:.0f}s; "
+                            "is `modelhost up` running?".format(self.endpoint, silent))))
                         for queue in self._queues.values():
                             queue.put_nowait((error, []))
                         return
         except asyncio.CancelledError:
-            pass
+            if self._state is ClientState.OPEN and self._socket.closed:
+                # Closed under the client (its context destroyed): pyzmq cancels what
+                # waits on the socket, which is no reason for the calls to wait for ever.
+                for queue in self._queues.values():
+                    queue.put_nowait(TransportError(
+                        "cannot receive from the broker at {}: the client's socket was "
+                        "closed (its ZeroMQ context terminated)".format(self.endpoint)))
+        except (zmq.ZMQError, ModelhostError) as exc:
+            # The socket failed, or a reply could not be read (whose it was is unknown):
+            # every waiting request ends with the reason. A new request starts a new reader.
+            for queue in self._queues.values():
+                queue.put_nowait(self._reader_failure(exc))
+
+    def _reader_failure(self, exc):
+        """A fresh error for one waiting request, raised from what stopped the reader."""
+        if isinstance(exc, zmq.ZMQError):
+            error, cause = transport_error("receive from", self.endpoint, exc), exc
+        else:  # BadMessage or ProtocolMismatch from decoding a reply
+            error, cause = type(exc)(exc.message, exc.details), exc.__cause__
+        error.__cause__ = cause
+        return error
 
     def _route(self, header, payloads):
         if header.get("kind") == protocol.PONG:

@@ -1,7 +1,6 @@
 """The blocking client. One socket, used from one thread at a time."""
 
 import collections
-import enum
 import time
 
 import zmq
@@ -9,13 +8,9 @@ import zmq
 from . import _curve
 from . import _messages as m
 from . import protocol
-from .errors import BrokerUnavailable, StateError, Timeout
+from ._connection import BaseClient, ClientState, open_socket, transport_error
+from .errors import BrokerUnavailable, Timeout
 from .models import ModelCalls
-
-
-class ClientState(enum.Enum):
-    OPEN = "open"  # connected (ZeroMQ connects lazily; the broker may come later)
-    CLOSED = "closed"  # close() was called; every method raises StateError
 
 
 class Stream(object):
@@ -38,16 +33,16 @@ class Stream(object):
         for header, payloads in self._client._replies(self.request_id, self._deadline):
             kind = header["kind"]
             if kind == protocol.PARTIAL:
-                return m.reply_value(header, payloads)
+                return protocol.reply_value(header, payloads)
             if kind == protocol.PROGRESS:
                 if self._on_progress is not None:
                     self._on_progress(m.progress_of(header))
                 continue
             self.done = True
             if kind == protocol.RESULT:
-                self.result = m.reply_value(header, payloads)
+                self.result = protocol.reply_value(header, payloads)
                 raise StopIteration
-            m.raise_for(header)
+            raise protocol.reply_error(header)
 
     def cancel(self):
         """Ask the broker to cancel the call; iteration then ends with Cancelled."""
@@ -62,38 +57,19 @@ class Stream(object):
             self._client._forget(self.request_id)
 
 
-class Client(ModelCalls):
+class Client(BaseClient, ModelCalls):
     """A blocking modelhost client.
 
         with Client() as client:
             audio = client.call("espeak", "tts", text="hello")
 
-    Not thread-safe: use one Client per thread.
-
-    `curve` (for a broker over tcp:// with CURVE): None takes the key files from
-    $MODELHOST_CURVE_SERVER_KEY and $MODELHOST_CURVE_CLIENT_KEY if set; False
-    never uses CURVE; {"server_key": the broker's NAME.key, "client_key": this
-    client's NAME.key_secret} (files written by `modelhost keys`).
+    Not thread-safe: use one Client per thread. `curve`: see BaseClient.
     """
 
-    def __init__(self, endpoint=None, timeout=None, broker_timeout=10.0, context=None, *,
+    def __init__(self, endpoint=None, *, timeout=None, broker_timeout=10.0, context=None,
                  curve=None):
-        self.endpoint = endpoint or protocol.default_endpoint()
-        self._curve_keys = _curve.client_keys(curve)
-        # Default per-call timeout in seconds (None: calls may run for ever).
-        self.timeout = timeout
-        # How long the broker may stay silent while we wait before the call
-        # fails with BrokerUnavailable (pings are answered every heartbeat).
-        self.broker_timeout = broker_timeout
-        self._context = context or zmq.Context.instance()
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.ROUTING_ID, m.new_identity())
-        self._socket.setsockopt(zmq.LINGER, 0)
-        _curve.secure(self._socket, self.endpoint, self._curve_keys)
-        self._handshake = _curve.watch(self._socket, self.endpoint, self._curve_keys)
-        self._socket.connect(self.endpoint)
-        self._state = ClientState.OPEN
-        self._next_id = 0
+        super().__init__(endpoint, timeout=timeout, broker_timeout=broker_timeout,
+                         context=context, curve=curve)
         # Replies that arrived for requests other than the one being waited on.
         self._mailbox = collections.defaultdict(collections.deque)
         self._outstanding = set()
@@ -105,7 +81,7 @@ class Client(ModelCalls):
 
     # --- public -------------------------------------------------------------
 
-    def call(self, model, method, timeout=m.NOT_SET, on_progress=None,
+    def call(self, model, method, *, timeout=m.NOT_SET, on_progress=None,
              priority=protocol.Priority.NORMAL, arguments=None, **kwargs):
         """Run `method` of `model` and return its result.
 
@@ -120,7 +96,7 @@ class Client(ModelCalls):
             pass  # an operation that streams anyway: chunks are dropped, the result kept
         return stream.result
 
-    def stream(self, model, method, timeout=m.NOT_SET, on_progress=None,
+    def stream(self, model, method, *, timeout=m.NOT_SET, on_progress=None,
                priority=protocol.Priority.NORMAL, arguments=None, **kwargs):
         """Run a streaming method; iterate the returned Stream for its chunks.
 
@@ -130,24 +106,24 @@ class Client(ModelCalls):
         return self._start(model, method, timeout, on_progress, priority,
                            m.merge_arguments(arguments, kwargs), stream=True)
 
-    def ps(self, timeout=5.0):
+    def ps(self, *, timeout=5.0):
         """The broker's status: {"broker": {...}, "daemons": [{name, state, pid, ...}]}."""
         request_id = self._new_id()
         self._expect(request_id)
-        self._send(m.control_frames(protocol.PS, request_id))
+        self._send(protocol.ps_message(request_id))
         try:
             for header, payloads in self._replies(request_id, time.monotonic() + timeout,
                                                   grace=0.0):
                 if header["kind"] == protocol.RESULT:
-                    return m.reply_value(header, payloads)
-                m.raise_for(header)
+                    return protocol.reply_value(header, payloads)
+                raise protocol.reply_error(header)
         except Timeout:
             # The broker answers ps at once: silence means nobody is there.
             raise BrokerUnavailable(_curve.explain(
                 self._handshake, "no answer from the broker at {} within {:.0f}s; is "
                 "`modelhost up` running?".format(self.endpoint, timeout)))
 
-    def events(self, kinds=None, timeout=None):
+    def events(self, *, kinds=None, timeout=None):
         """Iterate the broker's events as they happen: dicts with seq, time, kind,
         level, daemon and the fields of their kind (see `modelhost.protocol.EVENT_KINDS`
         and the README).
@@ -169,21 +145,24 @@ class Client(ModelCalls):
                                     "this client".format(self.endpoint))
         # Subscribed now, not at the first next(): what happens from here on is seen
         # (once ZeroMQ has connected, a few milliseconds).
-        socket = self._context.socket(zmq.SUB)
-        socket.setsockopt(zmq.LINGER, 0)
         # A CURVE broker's events over tcp need the same keys as its frontend.
-        _curve.secure(socket, endpoint, self._curve_keys)
-        socket.connect(endpoint)
+        socket, _ = open_socket(self._context, zmq.SUB, endpoint, self._curve_keys)
         for kind in kinds:
             socket.setsockopt(zmq.SUBSCRIBE, kind.encode())
-        return self._event_stream(socket, kinds, timeout)
+        return self._event_stream(socket, endpoint, kinds, timeout)
 
     @staticmethod
-    def _event_stream(socket, kinds, timeout):
+    def _event_stream(socket, endpoint, kinds, timeout):
         try:
-            while socket.poll(None if timeout is None else int(timeout * 1000)):
+            while True:
+                try:
+                    if not socket.poll(None if timeout is None else int(timeout * 1000)):
+                        return
+                    frames = socket.recv_multipart()
+                except zmq.ZMQError as exc:
+                    raise transport_error("receive events from", endpoint, exc) from exc
                 # A broker of another protocol version raises ProtocolMismatch here.
-                event = protocol.decode_event(socket.recv_multipart())
+                event = protocol.decode_event(frames)
                 # Topics are prefixes: "move" also matches "moved".
                 if event.get("kind") in kinds:
                     event.pop("v", None)
@@ -191,7 +170,7 @@ class Client(ModelCalls):
         finally:
             socket.close(linger=0)
 
-    def load(self, name, timeout=None, priority=protocol.Priority.NORMAL):
+    def load(self, name, *, timeout=None, priority=protocol.Priority.NORMAL):
         """Make daemon `name` resident and return its `ps` row.
 
         This may take minutes: the weights load, or the broker first waits for
@@ -201,7 +180,7 @@ class Client(ModelCalls):
         """
         return self._model_op(protocol.LOAD, name, timeout, priority)
 
-    def unload(self, name, timeout=None):
+    def unload(self, name, *, timeout=None):
         """Release daemon `name`'s weights (its process stays) and return its `ps` row.
 
         The broker lets the daemon's running calls finish first.
@@ -218,13 +197,11 @@ class Client(ModelCalls):
 
     def cancel(self, request_id):
         self._check_open()
-        self._send(m.control_frames(protocol.CANCEL, request_id))
+        self._send(protocol.cancel_message(request_id))
 
     def close(self):
         if self._state is ClientState.OPEN:
-            _curve.close(self._handshake)
-            self._socket.close(linger=0)
-            self._state = ClientState.CLOSED
+            self._close_socket()
 
     def __enter__(self):
         return self
@@ -234,18 +211,12 @@ class Client(ModelCalls):
 
     # --- internals ----------------------------------------------------------
 
-    def _check_open(self):
-        if self._state is not ClientState.OPEN:
-            raise StateError("this Client is {}; create a new one".format(self._state.value))
-
-    def _new_id(self):
-        self._check_open()
-        self._next_id += 1
-        return self._next_id
-
     def _send(self, frames):
-        _curve.wait_to_send(self._handshake, self._socket, self.broker_timeout)
-        protocol.send(self._socket, frames)
+        try:
+            _curve.wait_to_send(self._handshake, self._socket, self.broker_timeout)
+            protocol.send(self._socket, frames)
+        except zmq.ZMQError as exc:
+            raise transport_error("send to", self.endpoint, exc) from exc
 
     def _expect(self, request_id):
         if not self._outstanding:
@@ -259,7 +230,8 @@ class Client(ModelCalls):
             timeout = self.timeout
         request_id = self._new_id()
         self._expect(request_id)
-        self._send(m.call_frames(request_id, model, method, args, timeout, priority, stream))
+        self._send(protocol.call_message(request_id, model, method, args, priority, stream,
+                                         timeout))
         deadline = None if timeout is None else time.monotonic() + timeout
         return Stream(self, request_id, deadline, on_progress)
 
@@ -268,13 +240,13 @@ class Client(ModelCalls):
         # eyes and reveal it lost, and Ctrl-C or the deadline cancels it.
         request_id = self._new_id()
         self._expect(request_id)
-        self._send(m.model_op_frames(op, request_id, model, timeout, priority))
+        self._send(protocol.model_message(op, request_id, model, timeout, priority))
         deadline = None if timeout is None else time.monotonic() + timeout
         for header, payloads in self._replies(request_id, deadline):
             if header["kind"] == protocol.RESULT:
-                return m.reply_value(header, payloads)
+                return protocol.reply_value(header, payloads)
             if header["kind"] in protocol.TERMINAL_KINDS:
-                m.raise_for(header)
+                raise protocol.reply_error(header)
             # progress (or anything else) before the answer: nothing to show here
 
     def _forget(self, request_id):
@@ -320,8 +292,15 @@ class Client(ModelCalls):
         wait = protocol.HEARTBEAT_S
         if deadline is not None:
             wait = min(wait, max(0.0, deadline + grace - now))
-        if self._poller.poll(wait * 1000):
-            self._drain()
+        self._wait(wait * 1000)
+
+    def _wait(self, timeout_ms):
+        """Take in what arrives within timeout_ms (into the mailboxes)."""
+        try:
+            if self._poller.poll(timeout_ms):
+                self._drain()
+        except zmq.ZMQError as exc:
+            raise transport_error("receive from", self.endpoint, exc) from exc
 
     def _drain(self):
         # EVENTS instead of catching zmq.Again: an exception per wakeup costs
@@ -350,7 +329,6 @@ class Client(ModelCalls):
                 box = self._mailbox.get(request_id)
                 if box and box[-1][0]["kind"] in protocol.TERMINAL_KINDS:
                     break
-                if self._poller.poll(100):
-                    self._drain()
+                self._wait(100)
         finally:
             self._forget(request_id)

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from . import protocol
+from . import local
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -29,7 +29,7 @@ def runtime_dir(config_path=None):
         from modelhost.broker.config import load_config
 
         return str(load_config(config_path).broker.runtime_dir)
-    return protocol.default_runtime_dir()
+    return local.default_runtime_dir()
 
 
 def names_with_logs(directory):

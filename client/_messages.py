@@ -1,11 +1,12 @@
-"""What the blocking and the asyncio client share: building calls, reading replies."""
+"""What the blocking and the asyncio client share besides the wire (modelhost.protocol):
+identities, arguments, progress, pings, the reply for a request the broker lost."""
 
 import collections
 import os
 import uuid
 
 from . import protocol
-from .errors import BadMessage, RequestLost, error_from_wire
+from .errors import RequestLost
 
 # How long a client waits for the broker's own timeout reply before it gives
 # up by itself: the broker answers at the deadline, this covers transit.
@@ -13,7 +14,19 @@ TIMEOUT_GRACE_S = 2.0
 # After Ctrl-C, how long to wait for the daemon to confirm the cancellation.
 CANCEL_GRACE_S = 2.0
 
-NOT_SET = object()
+
+class _NotSet(object):
+    """The default of an option whose None means something (no timeout, no limit):
+    the caller did not set it, so the client's own default or the daemon's stands."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        return "NOT_SET"
+
+
+# The one "not set" sentinel of the package (Client, AsyncClient and their helpers).
+NOT_SET = _NotSet()
 
 
 def new_identity():
@@ -29,51 +42,11 @@ def merge_arguments(arguments, kwargs):
     return merged
 
 
-def call_frames(request_id, model, method, args, timeout, priority, stream):
-    header = {"op": protocol.CALL, "id": request_id, "model": model, "method": method,
-              "priority": priority, "stream": stream}
-    if timeout is not None:
-        header["timeout"] = float(timeout)
-    return protocol.encode_value_message(header, "args", args)
-
-
-def control_frames(op, request_id, **fields):
-    header = dict(fields, op=op, id=request_id)
-    return protocol.encode(header)
-
-
-def model_op_frames(op, request_id, model, timeout=None, priority=None):
-    """A memory operation on one daemon: load, unload, pin or unpin."""
-    fields = {"model": model}
-    if priority is not None:
-        fields["priority"] = priority
-    if timeout is not None:
-        fields["timeout"] = float(timeout)
-    return control_frames(op, request_id, **fields)
-
-
-def reply_value(header, payloads):
-    try:
-        return protocol.internalize(header.get("value"), payloads)
-    except RecursionError as exc:
-        # Deeper than Python can walk: a typed error, like any malformed reply.
-        raise BadMessage("the reply's value is nested too deeply to decode") from exc
-
-
-def raise_for(header):
-    """Raise the error an error or cancelled reply stands for."""
-    if header["kind"] == protocol.CANCELLED:
-        raise error_from_wire("cancelled", header.get("message") or "the call was cancelled")
-    raise error_from_wire(header.get("code", "internal"), header.get("message", ""),
-                          header.get("details"))
-
-
 def lost_reply(request_id):
     """A synthetic terminal reply for a request the broker has no record of."""
-    return protocol.error_header(
-        request_id, RequestLost.code,
+    return protocol.error_header(request_id, RequestLost(
         "the broker has no record of request {!r}: it restarted while the request was queued, "
-        "or dropped a frame over its size limit; send the request again".format(request_id))
+        "or dropped a frame over its size limit; send the request again".format(request_id)))
 
 
 class Progress(object):
@@ -110,7 +83,7 @@ class Pings(object):
         self._seq += 1
         ping_id = "ping-{}".format(self._seq)
         self._asked[ping_id] = set(request_ids)
-        return control_frames(protocol.PING, ping_id, ids=sorted(request_ids, key=str))
+        return protocol.ping_message(ping_id, sorted(request_ids, key=str))
 
     def lost(self, pong):
         """Request ids this pong says the broker does not know."""

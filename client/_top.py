@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 # The sizes and durations read the same as in `modelhost ps`.
-from .cli import _countdown, _duration, _footprint, _short_size, _size
+from . import _format
 from ._client import Client
 from .errors import BrokerUnavailable, ModelhostError
 
@@ -70,7 +70,7 @@ def header(status, error=None, endpoint=None, seen_at=None, retry_s=None):
         memory = status.get("memory") or {}
         line = Text("broker ", style="bold")
         line.append("pid {}  up {}  ".format(broker.get("pid", "?"),
-                                             _duration(broker.get("uptime_s"))))
+                                             _format.duration(broker.get("uptime_s"))))
         line.append("probe {}".format(memory.get("probe", "?")), style="bold")
         if memory.get("reason"):
             line.append(" ({})".format(memory["reason"]), style="dim")
@@ -108,15 +108,16 @@ def devices_table(status):
         table.add_column(name, justify="left" if name == "DEVICE" else "right", no_wrap=True)
     table.add_column("OF THRESHOLD", no_wrap=True)
     for device in (status.get("memory") or {}).get("devices") or []:
-        external = _size(device.get("external"))
+        external = _format.size(device.get("external"))
         if device.get("external") is not None and device.get("external_counted") is False:
             external += " (not counted)"
-        threshold = _size(device.get("threshold"))
+        threshold = _format.size(device.get("threshold"))
         if device.get("threshold_text"):
             threshold += " ({})".format(device["threshold_text"])
         table.add_row(
-            device.get("id") or device.get("name") or "?", _size(device.get("used")),
-            _size(device.get("committed")), threshold, _size(device.get("total")), external,
+            device.get("id") or device.get("name") or "?", _format.size(device.get("used")),
+            _format.size(device.get("committed")), threshold, _format.size(device.get("total")),
+            external,
             bar(device_fraction(device)))
     return table
 
@@ -131,12 +132,12 @@ def daemons_table(status):
     table.add_column("LAST ERROR", overflow="ellipsis", no_wrap=True)
     for row in status.get("daemons") or []:
         state = row.get("state") or "-"
-        ttl = "-" if row.get("ttl_s") is None else _countdown(row["ttl_s"])
+        ttl = "-" if row.get("ttl_s") is None else _format.countdown(row["ttl_s"])
         table.add_row(
             str(row.get("name", "?")), Text(state, style=STATE_STYLES.get(state, "")),
             row.get("tier") or "-", row.get("device") or "-",
-            _short_size(row.get("memory_bytes")),
-            _footprint(row, "resident"), _footprint(row, "peak"),
+            _format.short_size(row.get("memory_bytes")),
+            _format.footprint(row, "resident"), _format.footprint(row, "peak"),
             str(row.get("queued", 0)),
             "{}/{}".format(row.get("running", 0), row.get("concurrency", "-")),
             str(row.get("restarts", 0)), "yes" if row.get("pinned") else "",

@@ -24,6 +24,10 @@ class below, the message tells a person what to do next.
     |   +-- EngineError               engine_error: the model code raised an exception
     +-- InternalError                 internal: a bug in modelhost; please report it
     +-- StateError                    a client object used in the wrong lifecycle state
+
+Nothing of ZeroMQ or msgpack leaks from a client: a ZeroMQ failure (a malformed
+endpoint, a socket closed under the client) is raised as a TransportError from the
+zmq.ZMQError, a reply that is not msgpack as a BadMessage from the msgpack error.
 """
 
 

@@ -20,13 +20,12 @@ import collections
 import os
 
 from . import protocol
+from ._messages import NOT_SET
 
 TTS_MODEL = "cosyvoice"
 TEXT_TO_AUDIO_MODEL = "tangoflux"
 TALKING_HEAD_MODEL = "talkinggaussian"
 ASR_MODEL = "asr"
-
-_NOT_GIVEN = object()
 
 
 class Audio(collections.namedtuple("Audio", "samples sample_rate info")):
@@ -83,13 +82,13 @@ def _audio(result):
 
 def _given(**arguments):
     """The arguments the caller set: the daemon's defaults stand for the rest."""
-    return {name: value for name, value in arguments.items() if value is not _NOT_GIVEN}
+    return {name: value for name, value in arguments.items() if value is not NOT_SET}
 
 
 def _tts_arguments(text, voice, mode, prompt_audio, prompt_text, instruct_text, speed):
     arguments = _given(text=text, voice=voice, mode=mode, prompt_text=prompt_text,
                        instruct_text=instruct_text, speed=speed)
-    if prompt_audio is not _NOT_GIVEN:
+    if prompt_audio is not NOT_SET:
         arguments["prompt_audio"] = audio_bytes(prompt_audio)
     return arguments
 
@@ -97,9 +96,9 @@ def _tts_arguments(text, voice, mode, prompt_audio, prompt_text, instruct_text, 
 class ModelCalls(object):
     """Mixed into Client: `call` and `stream` do the work."""
 
-    def tts(self, text, voice=_NOT_GIVEN, mode=_NOT_GIVEN, prompt_audio=_NOT_GIVEN,
-            prompt_text=_NOT_GIVEN, instruct_text=_NOT_GIVEN, speed=_NOT_GIVEN,
-            model=TTS_MODEL, priority=protocol.Priority.INTERACTIVE, timeout=_NOT_GIVEN):
+    def tts(self, text, *, voice=NOT_SET, mode=NOT_SET, prompt_audio=NOT_SET,
+            prompt_text=NOT_SET, instruct_text=NOT_SET, speed=NOT_SET,
+            model=TTS_MODEL, priority=protocol.Priority.INTERACTIVE, timeout=NOT_SET):
         """Speech for `text` (CosyVoice2) as Audio at 24 kHz.
 
         Modes: "zero_shot" (prompt_audio + prompt_text, or a registered
@@ -108,34 +107,34 @@ class ModelCalls(object):
         """
         result = self.call(model, "tts", priority=priority, arguments=_tts_arguments(
             text, voice, mode, prompt_audio, prompt_text, instruct_text, speed),
-            **_given(timeout=timeout))
+            timeout=timeout)
         return _audio(result)
 
-    def tts_stream(self, text, voice=_NOT_GIVEN, mode=_NOT_GIVEN, prompt_audio=_NOT_GIVEN,
-                   prompt_text=_NOT_GIVEN, instruct_text=_NOT_GIVEN, speed=_NOT_GIVEN,
+    def tts_stream(self, text, *, voice=NOT_SET, mode=NOT_SET, prompt_audio=NOT_SET,
+                   prompt_text=NOT_SET, instruct_text=NOT_SET, speed=NOT_SET,
                    model=TTS_MODEL, priority=protocol.Priority.INTERACTIVE,
-                   timeout=_NOT_GIVEN):
+                   timeout=NOT_SET):
         """Speech as it is made: yields Audio chunks (24 kHz) in order, for playback that
         starts before the sentence is done."""
         arguments = _tts_arguments(text, voice, mode, prompt_audio, prompt_text,
                                    instruct_text, speed)
         arguments["stream"] = True
         stream = self.stream(model, "tts", priority=priority, arguments=arguments,
-                             **_given(timeout=timeout))
+                             timeout=timeout)
         for chunk in stream:
             yield _audio(chunk)
 
-    def register_voice(self, voice_id, prompt_audio, prompt_text, model=TTS_MODEL,
-                       timeout=_NOT_GIVEN):
+    def register_voice(self, voice_id, prompt_audio, prompt_text, *, model=TTS_MODEL,
+                       timeout=NOT_SET):
         """Register a voice once; `tts(..., voice=voice_id)` reuses it without its audio."""
         return self.call(model, "register_voice", arguments={
             "voice_id": voice_id, "prompt_audio": audio_bytes(prompt_audio),
-            "prompt_text": prompt_text}, **_given(timeout=timeout))
+            "prompt_text": prompt_text}, timeout=timeout)
 
-    def text_to_audio(self, prompt, duration=_NOT_GIVEN, steps=_NOT_GIVEN,
-                      guidance_scale=_NOT_GIVEN, seed=_NOT_GIVEN, model=TEXT_TO_AUDIO_MODEL,
+    def text_to_audio(self, prompt, *, duration=NOT_SET, steps=NOT_SET,
+                      guidance_scale=NOT_SET, seed=NOT_SET, model=TEXT_TO_AUDIO_MODEL,
                       priority=protocol.Priority.BATCH, on_progress=None,
-                      timeout=_NOT_GIVEN):
+                      timeout=NOT_SET):
         """Sound for a text prompt (TangoFlux) as Audio at 44.1 kHz, stereo (n, 2).
 
         `.info["seed"]` is the seed the daemon used (a random one when none
@@ -144,20 +143,20 @@ class ModelCalls(object):
         result = self.call(model, "generate", priority=priority, on_progress=on_progress,
                            arguments=_given(prompt=prompt, duration=duration, steps=steps,
                                             guidance_scale=guidance_scale, seed=seed),
-                           **_given(timeout=timeout))
+                           timeout=timeout)
         return _audio(result)
 
-    def talking_head(self, audio, model=TALKING_HEAD_MODEL, priority=protocol.Priority.NORMAL,
-                     on_progress=None, timeout=_NOT_GIVEN):
+    def talking_head(self, audio, *, model=TALKING_HEAD_MODEL,
+                     priority=protocol.Priority.NORMAL, on_progress=None, timeout=NOT_SET):
         """An mp4 (bytes, with the audio as its sound) of the daemon's subject saying `audio`
         (WAV/FLAC bytes or a path). One daemon per subject: `model` names it."""
         result = self.call(model, "render", priority=priority, on_progress=on_progress,
-                           arguments={"audio": audio_bytes(audio)}, **_given(timeout=timeout))
+                           arguments={"audio": audio_bytes(audio)}, timeout=timeout)
         return bytes(result["video"])
 
 
-    def transcribe(self, audio, sample_rate=_NOT_GIVEN, language=_NOT_GIVEN, model=ASR_MODEL,
-                   priority=protocol.Priority.INTERACTIVE, on_progress=None, timeout=_NOT_GIVEN):
+    def transcribe(self, audio, *, sample_rate=NOT_SET, language=NOT_SET, model=ASR_MODEL,
+                   priority=protocol.Priority.INTERACTIVE, on_progress=None, timeout=NOT_SET):
         """The text of `audio`: a WAV/FLAC file's bytes or path, an Audio, a numpy array (with
         sample_rate) or raw 16-bit mono PCM bytes (with sample_rate).
 
@@ -166,57 +165,57 @@ class ModelCalls(object):
         """
         return self.call(model, "transcribe", priority=priority, on_progress=on_progress,
                          arguments=_transcribe_arguments(audio, sample_rate, language),
-                         **_given(timeout=timeout))
+                         timeout=timeout)
 
 
 class AsyncModelCalls(object):
     """The same helpers for AsyncClient: await them (tts_stream: async for)."""
 
-    async def tts(self, text, voice=_NOT_GIVEN, mode=_NOT_GIVEN, prompt_audio=_NOT_GIVEN,
-                  prompt_text=_NOT_GIVEN, instruct_text=_NOT_GIVEN, speed=_NOT_GIVEN,
-                  model=TTS_MODEL, priority=protocol.Priority.INTERACTIVE, timeout=_NOT_GIVEN):
+    async def tts(self, text, *, voice=NOT_SET, mode=NOT_SET, prompt_audio=NOT_SET,
+                  prompt_text=NOT_SET, instruct_text=NOT_SET, speed=NOT_SET,
+                  model=TTS_MODEL, priority=protocol.Priority.INTERACTIVE, timeout=NOT_SET):
         return _audio(await self.call(model, "tts", priority=priority, arguments=_tts_arguments(
             text, voice, mode, prompt_audio, prompt_text, instruct_text, speed),
-            **_given(timeout=timeout)))
+            timeout=timeout))
 
-    async def tts_stream(self, text, voice=_NOT_GIVEN, mode=_NOT_GIVEN,
-                         prompt_audio=_NOT_GIVEN, prompt_text=_NOT_GIVEN,
-                         instruct_text=_NOT_GIVEN, speed=_NOT_GIVEN, model=TTS_MODEL,
-                         priority=protocol.Priority.INTERACTIVE, timeout=_NOT_GIVEN):
+    async def tts_stream(self, text, *, voice=NOT_SET, mode=NOT_SET,
+                         prompt_audio=NOT_SET, prompt_text=NOT_SET,
+                         instruct_text=NOT_SET, speed=NOT_SET, model=TTS_MODEL,
+                         priority=protocol.Priority.INTERACTIVE, timeout=NOT_SET):
         arguments = _tts_arguments(text, voice, mode, prompt_audio, prompt_text,
                                    instruct_text, speed)
         arguments["stream"] = True
         async for chunk in self.stream(model, "tts", priority=priority, arguments=arguments,
-                                       **_given(timeout=timeout)):
+                                       timeout=timeout):
             yield _audio(chunk)
 
-    async def register_voice(self, voice_id, prompt_audio, prompt_text, model=TTS_MODEL,
-                             timeout=_NOT_GIVEN):
+    async def register_voice(self, voice_id, prompt_audio, prompt_text, *, model=TTS_MODEL,
+                             timeout=NOT_SET):
         return await self.call(model, "register_voice", arguments={
             "voice_id": voice_id, "prompt_audio": audio_bytes(prompt_audio),
-            "prompt_text": prompt_text}, **_given(timeout=timeout))
+            "prompt_text": prompt_text}, timeout=timeout)
 
-    async def text_to_audio(self, prompt, duration=_NOT_GIVEN, steps=_NOT_GIVEN,
-                            guidance_scale=_NOT_GIVEN, seed=_NOT_GIVEN,
+    async def text_to_audio(self, prompt, *, duration=NOT_SET, steps=NOT_SET,
+                            guidance_scale=NOT_SET, seed=NOT_SET,
                             model=TEXT_TO_AUDIO_MODEL, priority=protocol.Priority.BATCH,
-                            on_progress=None, timeout=_NOT_GIVEN):
+                            on_progress=None, timeout=NOT_SET):
         return _audio(await self.call(
             model, "generate", priority=priority, on_progress=on_progress,
             arguments=_given(prompt=prompt, duration=duration, steps=steps,
                              guidance_scale=guidance_scale, seed=seed),
-            **_given(timeout=timeout)))
+            timeout=timeout))
 
-    async def talking_head(self, audio, model=TALKING_HEAD_MODEL,
+    async def talking_head(self, audio, *, model=TALKING_HEAD_MODEL,
                            priority=protocol.Priority.NORMAL, on_progress=None,
-                           timeout=_NOT_GIVEN):
+                           timeout=NOT_SET):
         result = await self.call(model, "render", priority=priority, on_progress=on_progress,
                                  arguments={"audio": audio_bytes(audio)},
-                                 **_given(timeout=timeout))
+                                 timeout=timeout)
         return bytes(result["video"])
 
-    async def transcribe(self, audio, sample_rate=_NOT_GIVEN, language=_NOT_GIVEN,
+    async def transcribe(self, audio, *, sample_rate=NOT_SET, language=NOT_SET,
                          model=ASR_MODEL, priority=protocol.Priority.INTERACTIVE,
-                         on_progress=None, timeout=_NOT_GIVEN):
+                         on_progress=None, timeout=NOT_SET):
         return await self.call(model, "transcribe", priority=priority, on_progress=on_progress,
                                arguments=_transcribe_arguments(audio, sample_rate, language),
-                               **_given(timeout=timeout))
+                               timeout=timeout)

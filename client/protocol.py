@@ -17,20 +17,28 @@ Replies (`kind`):          partial, progress, result, error, cancelled, pong
 
 Every request id gets exactly one terminal reply: result, error or cancelled.
 
+Each kind has one builder here, which returns its frames (`call_message`,
+`register_message`, ..., `result_reply`, `error_reply(id, error)`, ...), and
+one schema, which its receiver checks (`check_request`, `check_daemon_message`,
+`check_reply`); `reply_value` and `reply_error` read what a reply carries.
+Peers build no header by hand. The events of the broker's PUB socket:
+`encode_event`, `decode_event`.
+
 This module runs on Python 3.7 with only pyzmq and msgpack (numpy is used when
 a value is an array and numpy is importable).
 """
 
-import math
-import os
-import reprlib
-import sys
-import threading
-
 import msgpack
 import zmq
 
-from .errors import BadArguments, BadMessage, ProtocolMismatch
+# The value codec and the schema check are in modules of their own; what of
+# them others use is reached through this one.
+from ._payloads import externalize, internalize  # noqa: F401 (re-exported)
+from ._schemas import MAX_PLAIN_DEPTH  # noqa: F401 (re-exported)
+from ._schemas import (
+    MAX_ID_CHARS, check, is_identity, is_int, is_name, is_number, is_plain, is_request_id,
+    is_text, list_of, one_of, optional, or_none, required, shown)
+from .errors import BadArguments, BadMessage, Cancelled, ProtocolMismatch, error_from_wire
 
 VERSION = 1
 
@@ -97,138 +105,22 @@ class Tier:
     ALL = (RESIDENT, OFFLOADED, UNLOADED, STOPPED)
 
 
+# The state a daemon shows at rest at each tier, and while it moves between two
+# (the daemon reports them; the broker expects them).
+STATE_OF_TIER = {Tier.RESIDENT: DaemonState.READY, Tier.OFFLOADED: DaemonState.OFFLOADED,
+                 Tier.UNLOADED: DaemonState.UNLOADED, Tier.STOPPED: DaemonState.STOPPED}
+MOVING_STATE = {(Tier.UNLOADED, Tier.RESIDENT): DaemonState.LOADING,
+                (Tier.OFFLOADED, Tier.RESIDENT): DaemonState.ONLOADING,
+                (Tier.RESIDENT, Tier.OFFLOADED): DaemonState.OFFLOADING,
+                (Tier.RESIDENT, Tier.UNLOADED): DaemonState.UNLOADING,
+                (Tier.OFFLOADED, Tier.UNLOADED): DaemonState.UNLOADING}
+
+
 class Priority:
     INTERACTIVE = "interactive"
     NORMAL = "normal"
     BATCH = "batch"
     ALL = (INTERACTIVE, NORMAL, BATCH)
-
-
-# msgpack extension codes for values that live in payload frames.
-_EXT_BYTES = 1  # data: msgpack int, the frame index
-_EXT_ARRAY = 2  # data: msgpack [frame index, numpy dtype str, shape]
-
-_BINARY_TYPES = (bytes, bytearray, memoryview)
-
-
-_numpy_lock = threading.Lock()
-_numpy_whole = None  # the numpy module, once seen fully imported
-
-
-def _numpy():
-    # Only a numpy that someone already imported: a value cannot be an array
-    # otherwise, and the broker and numpy-less daemons never import it.
-    global _numpy_whole
-    numpy = sys.modules.get("numpy")
-    if numpy is None or numpy is _numpy_whole:
-        return numpy
-    if getattr(getattr(numpy, "__spec__", None), "_initializing", False):
-        # Another thread is importing it (a call's first array on another
-        # slot, an engine's load): until it is done its attributes are
-        # missing, so wait for it.
-        return _import_numpy()
-    _numpy_whole = numpy
-    return numpy
-
-
-def _import_numpy():
-    """numpy, imported whole, or None where it is not installed.
-
-    One import at a time: a slot thread must never see the module another
-    one is still importing.
-    """
-    with _numpy_lock:
-        try:
-            import numpy
-        except ImportError:
-            return None
-    return numpy
-
-
-def _dtype_to_wire(dtype):
-    # Structured dtypes need their fields; dtype.str would flatten them to |V<n>.
-    return dtype.descr if dtype.fields is not None else dtype.str
-
-
-def _dtype_from_wire(numpy, spec):
-    if isinstance(spec, list):
-        spec = [tuple(tuple(part) if isinstance(part, list) else part for part in field)
-                for field in spec]
-    return numpy.dtype(spec)
-
-
-def externalize(value, frames):
-    """`value` with every binary leaf moved into `frames` and replaced by a reference."""
-    if isinstance(value, _BINARY_TYPES):
-        frames.append(value)
-        return msgpack.ExtType(_EXT_BYTES, msgpack.packb(len(frames) - 1))
-    if isinstance(value, dict):
-        return {key: externalize(item, frames) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [externalize(item, frames) for item in value]
-    numpy = _numpy()
-    if numpy is not None:
-        if isinstance(value, numpy.ndarray):
-            if value.dtype.hasobject:
-                raise TypeError("arrays of Python objects cannot be sent; use a numeric dtype")
-            # A flat uint8 view carries any dtype (datetime64, structured, ...)
-            # as raw bytes, without a copy when the array is contiguous.
-            data = numpy.ascontiguousarray(value).reshape(-1).view(numpy.uint8)
-            frames.append(memoryview(data) if data.size else b"")
-            meta = [len(frames) - 1, _dtype_to_wire(value.dtype), list(value.shape)]
-            return msgpack.ExtType(_EXT_ARRAY, msgpack.packb(meta))
-        if isinstance(value, numpy.generic):
-            return value.item()  # numpy scalars travel as plain msgpack values
-    return value
-
-
-def internalize(value, frames):
-    """The inverse of externalize: references replaced by bytes or numpy arrays."""
-    if isinstance(value, msgpack.ExtType):
-        return _resolve(value, frames)
-    if isinstance(value, dict):
-        return {key: internalize(item, frames) for key, item in value.items()}
-    if isinstance(value, list):
-        return [internalize(item, frames) for item in value]
-    return value
-
-
-def _frame_at(frames, index):
-    if not isinstance(index, int) or not 0 <= index < len(frames):
-        raise BadMessage("a value refers to payload frame {!r}, but the message has {} "
-                         "payload frames".format(index, len(frames)))
-    return frames[index]
-
-
-def _buffer(frame):
-    return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
-
-
-def _resolve(ext, frames):
-    try:
-        meta = msgpack.unpackb(ext.data, raw=False)
-    except Exception as exc:
-        raise BadMessage("a payload reference is not valid msgpack") from exc
-    if ext.code == _EXT_BYTES:
-        frame = _frame_at(frames, meta)
-        return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
-    if ext.code == _EXT_ARRAY:
-        if not (isinstance(meta, list) and len(meta) == 3):
-            raise BadMessage("an array reference must be [frame, dtype, shape]")
-        index, dtype, shape = meta
-        frame = _frame_at(frames, index)
-        numpy = _import_numpy()
-        if numpy is None:
-            # No numpy here: hand over the raw data with what is needed to rebuild it.
-            return {"dtype": dtype, "shape": shape, "data": bytes(_buffer(frame))}
-        try:
-            # Zero-copy view on the received frame (read-only).
-            array = numpy.frombuffer(_buffer(frame), dtype=_dtype_from_wire(numpy, dtype))
-            return array.reshape(shape)
-        except (TypeError, ValueError) as exc:
-            raise BadMessage("array payload does not match its dtype {} and shape {}: {}"
-                             .format(dtype, shape, exc)) from exc
-    raise BadMessage("unknown payload reference type {}".format(ext.code))
 
 
 # Plain ints: pyzmq's send_multipart/recv_multipart combine enum flags on
@@ -296,7 +188,7 @@ def decode_header(frame):
         # The request id travels in details so that the error reply can name it.
         raise ProtocolMismatch(
             "this peer speaks modelhost protocol {} but the message says {}; install "
-            "the same modelhost version on both sides".format(VERSION, _shown(version)),
+            "the same modelhost version on both sides".format(VERSION, shown(version)),
             {"id": header.get("id") if is_request_id(header.get("id")) else None})
     return header
 
@@ -324,11 +216,190 @@ def decode_event(frames):
     return decode_header(frames[1])
 
 
-def error_header(request_id, code, message, details=None):
-    header = {"kind": ERROR, "id": request_id, "code": code, "message": message}
-    if details:
-        header["details"] = details
+# --- builders: the frames of each message kind ----------------------------------
+#
+# Each returns the message's frames, version included, ready for send(): the
+# header first, then the payload frames its value refers to. Fields a
+# receiver reads as "absent" (a call's timeout, a reply's client and mem
+# outside the daemon) are left out rather than sent as null.
+
+
+def _frames(header, payloads=()):
+    # Builders make a fresh header, so the version goes in without a copy.
+    header["v"] = VERSION
+    return [msgpack.packb(header, use_bin_type=True)] + list(payloads)
+
+
+def _value_frames(header, field, value):
+    payloads = []
+    header[field] = externalize(value, payloads)
+    return _frames(header, payloads)
+
+
+def _reply_route(header, client, mem):
+    # A daemon's reply names the client the broker routes it to, and the
+    # call's memory peaks; the broker's own replies go straight to the client.
+    if client is not None:
+        header["client"] = client
+    if mem is not None:
+        header["mem"] = mem
     return header
+
+
+# Client -> broker.
+
+def call_message(request_id, model, method, args, priority=Priority.NORMAL, stream=False,
+                 timeout=None):
+    header = {"op": CALL, "id": request_id, "model": model, "method": method,
+              "priority": priority, "stream": stream}
+    if timeout is not None:
+        header["timeout"] = float(timeout)
+    return _value_frames(header, "args", args)
+
+
+def cancel_message(request_id, client=None):
+    """Client -> broker; broker -> daemon with the identity of the client that asked."""
+    header = {"op": CANCEL, "id": request_id}
+    if client is not None:
+        header["client"] = client
+    return _frames(header)
+
+
+def ping_message(request_id, ids):
+    """Proof of life while requests are outstanding; `ids` asks which the broker knows."""
+    return _frames({"op": PING, "id": request_id, "ids": ids})
+
+
+def ps_message(request_id):
+    return _frames({"op": PS, "id": request_id})
+
+
+def model_message(op, request_id, model, timeout=None, priority=None):
+    """A memory operation on one daemon: LOAD, UNLOAD, PIN or UNPIN."""
+    header = {"op": op, "id": request_id, "model": model}
+    if priority is not None:
+        header["priority"] = priority
+    if timeout is not None:
+        header["timeout"] = float(timeout)
+    return _frames(header)
+
+
+def supervisor_message(request_id, processes, token):
+    """The supervisor's report: {daemon name: {status, pid, restarts, error, ...}}."""
+    return _frames({"op": SUPERVISOR, "id": request_id, "processes": processes,
+                    "token": token})
+
+
+# Broker -> daemon.
+
+def dispatch_message(request_id, client, forward, payloads, timeout=None):
+    """A call for a daemon slot: `forward` (call_forward()) with the payloads it refers to."""
+    header = dict(forward, op=CALL, id=request_id, client=client)
+    if timeout is not None:
+        header["timeout"] = timeout
+    return _frames(header, payloads)
+
+
+def tier_message(tier):
+    return _frames({"op": TIER, "tier": tier})
+
+
+def reregister_message():
+    return _frames({"op": REREGISTER})
+
+
+def heartbeat_message(state=None, running=None, mem=None):
+    """Both ways: the broker's is bare; a daemon's says its state, running calls, memory."""
+    header = {"op": HEARTBEAT}
+    if state is not None:
+        header.update(state=state, running=running, mem=mem)
+    return _frames(header)
+
+
+# Daemon -> broker.
+
+def register_message(*, name, pid, interpreter, python, engine, methods, slots, state, tier,
+                     tiers, mem, error, facts, loads, uptime_s, running):
+    """Who the daemon is and where it stands; `running`: [{id, client, method, slot}]."""
+    return _frames({
+        "op": REGISTER, "name": name, "pid": pid, "interpreter": interpreter,
+        "python": python, "engine": engine, "methods": methods, "slots": slots,
+        "state": state, "tier": tier, "tiers": tiers, "mem": mem, "error": error,
+        "facts": facts, "loads": loads, "uptime_s": uptime_s, "running": running})
+
+
+def state_message(*, state, tier, mem, loads, facts, error, took_s=None, failed=None):
+    """A move between tiers began or ended; `failed`: the target of a move that failed."""
+    return _frames({"op": STATE, "state": state, "tier": tier, "took_s": took_s, "mem": mem,
+                    "loads": loads, "facts": facts, "error": error, "failed": failed})
+
+
+# Replies: daemon -> client through the broker, and the broker's own.
+
+def partial_reply(request_id, client, seq, value):
+    return _value_frames(_reply_route({"kind": PARTIAL, "id": request_id, "seq": seq},
+                                      client, None), "value", value)
+
+
+def progress_reply(request_id, client, fraction, stage, message):
+    return _frames(_reply_route({"kind": PROGRESS, "id": request_id, "fraction": fraction,
+                                 "stage": stage, "message": message}, client, None))
+
+
+def result_reply(request_id, value, client=None, mem=None):
+    return _value_frames(_reply_route({"kind": RESULT, "id": request_id}, client, mem),
+                         "value", value)
+
+
+def error_header(request_id, error):
+    """The header of the error reply for `error`, a ModelhostError: its code, message, details."""
+    header = {"kind": ERROR, "id": request_id, "code": error.code, "message": error.message}
+    if error.details:
+        header["details"] = error.details
+    return header
+
+
+def error_reply(request_id, error, client=None, mem=None):
+    return _frames(_reply_route(error_header(request_id, error), client, mem))
+
+
+def cancelled_reply(request_id, message, client=None, mem=None):
+    return _frames(_reply_route({"kind": CANCELLED, "id": request_id, "message": message},
+                                client, mem))
+
+
+def pong_reply(request_id, known, broker, settled):
+    """`known`: the pinged ids the broker knows; `settled`: "unknown" now means lost."""
+    return _frames({"kind": PONG, "id": request_id, "known": known, "broker": broker,
+                    "settled": settled})
+
+
+# --- parsers: what a receiver reads ------------------------------------------------
+#
+# Every receiver decodes with decode() or decode_header(); the broker then
+# checks each message against the schema of its kind (below) before it acts.
+
+
+def call_forward(header):
+    """What of a client's checked call travels on to the daemon (dispatch_message())."""
+    return {"method": header["method"], "args": header["args"], "stream": header["stream"]}
+
+
+def reply_value(header, payloads):
+    """The value of a result or partial reply: binary leaves as bytes, arrays as arrays."""
+    try:
+        return internalize(header.get("value"), payloads)
+    except RecursionError as exc:
+        # Deeper than Python can walk: a typed error, like any malformed reply.
+        raise BadMessage("the reply's value is nested too deeply to decode") from exc
+
+
+def reply_error(header):
+    """The ModelhostError that an error or cancelled reply stands for."""
+    if header["kind"] == CANCELLED:
+        return Cancelled(header.get("message") or "the call was cancelled")
+    return error_from_wire(header.get("code", "internal"), header.get("message", ""),
+                           header.get("details"))
 
 
 # --- message schemas ---------------------------------------------------------
@@ -338,144 +409,66 @@ def error_header(request_id, code, message, details=None):
 # themselves, ranges. A message that fails gets a typed `bad_message` error
 # (where there is a sender to answer), never an exception in the receiver's
 # loop. Fields a schema does not name are never read by the receiver, so they
-# are left alone (a newer peer may send more).
+# are left alone (a newer peer may send more). An absent optional field with
+# a default is filled in by the check, so the receiver reads one value, the
+# one written here. How a schema is checked: `_schemas.py`.
 
-MAX_ID_CHARS = 256
-MAX_NAME_CHARS = 256
-MAX_TEXT_CHARS = 64 * 1024
-MAX_LIST = 100000  # ids in one ping, methods or calls in one register
 MAX_TIMEOUT_S = 366 * 86400.0
-MAX_PLAIN_DEPTH = 8  # nesting of the free-form maps that reach `ps` and the dashboard
 PROCESS_STATUSES = ("pending", "starting", "running", "backoff", "failed", "stopped")
-
-
-def _int(value, low=None):
-    return isinstance(value, int) and not isinstance(value, bool) and (
-        low is None or value >= low)
-
-
-def _number(value, low=None, high=None):
-    """A finite int or float within [low, high]: NaN and infinities never pass."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    if isinstance(value, float) and not math.isfinite(value):
-        return False
-    return (low is None or value >= low) and (high is None or value <= high)
-
-
-def _text(value, limit=MAX_TEXT_CHARS):
-    return isinstance(value, str) and len(value) <= limit
-
-
-def is_request_id(value):
-    """An id usable as a key: an int (never a float: NaN != NaN) or a bounded string."""
-    return _int(value) or _text(value, MAX_ID_CHARS)
-
-
-def _name(value):
-    return isinstance(value, str) and 0 < len(value) <= MAX_NAME_CHARS
-
-
-def _identity(value):
-    return isinstance(value, bytes) and 0 < len(value) <= 255  # ZeroMQ's limit
-
-
-def _list_of(accepts, limit=MAX_LIST):
-    return lambda value: isinstance(value, list) and len(value) <= limit and all(
-        accepts(item) for item in value)
-
-
-def _or_none(accepts):
-    return lambda value: value is None or accepts(value)
-
-
-def _one_of(choices):
-    return lambda value: isinstance(value, str) and value in choices
-
-
-def is_plain(value, depth=0):
-    """JSON-safe: str-keyed maps, lists, strings, finite numbers, bools and null."""
-    if value is None or isinstance(value, (bool, str)):
-        return True
-    if isinstance(value, (int, float)):
-        return _number(value)
-    if depth >= MAX_PLAIN_DEPTH:
-        return False
-    if isinstance(value, list):
-        return len(value) <= MAX_LIST and all(is_plain(item, depth + 1) for item in value)
-    if isinstance(value, dict):
-        return all(isinstance(key, str) and is_plain(item, depth + 1)
-                   for key, item in value.items())
-    return False
 
 
 def _mem(value):
     # The daemon's own memory report: each figure bytes, or null when unknown.
     return isinstance(value, dict) and all(
-        isinstance(key, str) and (item is None or _int(item, 0)) for key, item in value.items())
+        isinstance(key, str) and (item is None or is_int(item, 0)) for key, item in value.items())
 
 
 def _process(value):
     # One daemon's process facts in a supervisor report.
-    return (isinstance(value, dict) and _one_of(PROCESS_STATUSES)(value.get("status"))
-            and _or_none(lambda pid: _int(pid, 1))(value.get("pid"))
-            and _or_none(lambda pid: _int(pid, 1))(value.get("exited_pid"))
-            and _int(value.get("restarts", 0), 0)
-            and _or_none(_text)(value.get("error")) and is_plain(value))
+    return (isinstance(value, dict) and one_of(PROCESS_STATUSES)(value.get("status"))
+            and or_none(lambda pid: is_int(pid, 1))(value.get("pid"))
+            and or_none(lambda pid: is_int(pid, 1))(value.get("exited_pid"))
+            and is_int(value.get("restarts", 0), 0)
+            and or_none(is_text)(value.get("error")) and is_plain(value))
 
 
 def _running_call(value):
     return (isinstance(value, dict) and is_request_id(value.get("id"))
-            and _identity(value.get("client")) and _or_none(_name)(value.get("method"))
-            and _or_none(lambda slot: _int(slot, 0))(value.get("slot")))
+            and is_identity(value.get("client")) and or_none(is_name)(value.get("method"))
+            and or_none(lambda slot: is_int(slot, 0))(value.get("slot")))
 
 
-class _Field(object):
-    __slots__ = ("required", "accepts", "description", "error")
-
-    def __init__(self, required, accepts, description, error=BadMessage):
-        self.required = required
-        self.accepts = accepts
-        self.description = description
-        self.error = error
-
-
-def _required(accepts, description, error=BadMessage):
-    return _Field(True, accepts, description, error)
-
-
-def _optional(accepts, description, error=BadMessage):
-    return _Field(False, accepts, description, error)
-
-
-_ID = _required(is_request_id, "an integer or a string of at most {} characters".format(
+_ID = required(is_request_id, "an integer or a string of at most {} characters".format(
     MAX_ID_CHARS))
-_MODEL = _required(_name, "the daemon's name, a non-empty string")
-_PRIORITY = _optional(_one_of(Priority.ALL), "one of " + ", ".join(Priority.ALL))
-_TIMEOUT = _optional(lambda value: _number(value, high=MAX_TIMEOUT_S) and value > 0,
-                     "a finite, positive number of seconds (at most a year)")
-_MEM = _optional(_mem, "a map of memory figures in bytes (non-negative integers or null)")
-_ERROR_TEXT = _optional(_or_none(_text), "a string or null")
-_STATE = _required(_one_of(DaemonState.ALL), "one of " + ", ".join(DaemonState.ALL))
-_TIER = _optional(_or_none(_one_of(Tier.ALL)), "one of " + ", ".join(Tier.ALL) + " or null")
-_FACTS = _optional(_or_none(lambda value: isinstance(value, dict) and is_plain(value)),
-                   "a map of plain values (strings, numbers, lists, maps) or null")
-_LOADS = _optional(_or_none(lambda value: _int(value, 0)), "a non-negative integer")
+_MODEL = required(is_name, "the daemon's name, a non-empty string")
+_PRIORITY = optional(one_of(Priority.ALL), "one of " + ", ".join(Priority.ALL),
+                     default=Priority.NORMAL)
+_TIMEOUT = optional(lambda value: is_number(value, high=MAX_TIMEOUT_S) and value > 0,
+                    "a finite, positive number of seconds (at most a year)", default=None)
+_MEM = optional(_mem, "a map of memory figures in bytes (non-negative integers or null)")
+_ERROR_TEXT = optional(or_none(is_text), "a string or null")
+_STATE = required(one_of(DaemonState.ALL), "one of " + ", ".join(DaemonState.ALL))
+_TIER = optional(or_none(one_of(Tier.ALL)), "one of " + ", ".join(Tier.ALL) + " or null")
+_FACTS = optional(or_none(lambda value: isinstance(value, dict) and is_plain(value)),
+                  "a map of plain values (strings, numbers, lists, maps) or null")
+_LOADS = optional(or_none(lambda value: is_int(value, 0)), "a non-negative integer")
 
 # Client -> broker, by `op`.
 REQUEST_SCHEMAS = {
     CALL: {"id": _ID, "model": _MODEL,
-           "method": _required(_name, "the operation's name, a non-empty string"),
-           "args": _optional(lambda value: isinstance(value, dict), "a map of argument names "
-                             "to values", BadArguments),
+           "method": required(is_name, "the operation's name, a non-empty string"),
+           "args": optional(lambda value: isinstance(value, dict), "a map of argument names "
+                            "to values", BadArguments, default={}),
            "priority": _PRIORITY, "timeout": _TIMEOUT,
-           "stream": _optional(lambda value: isinstance(value, bool), "true or false")},
+           "stream": optional(lambda value: isinstance(value, bool), "true or false",
+                              default=False)},
     CANCEL: {"id": _ID},
-    PING: {"id": _ID, "ids": _optional(_list_of(is_request_id), "a list of request ids")},
+    PING: {"id": _ID, "ids": optional(list_of(is_request_id), "a list of request ids",
+                                      default=[])},
     PS: {"id": _ID},
-    SUPERVISOR: {"id": _ID, "token": _required(_text, "the supervisor's token"),
-                 "processes": _required(lambda value: isinstance(value, dict) and all(
-                     _name(name) and _process(item) for name, item in value.items()),
+    SUPERVISOR: {"id": _ID, "token": required(is_text, "the supervisor's token"),
+                 "processes": required(lambda value: isinstance(value, dict) and all(
+                     is_name(name) and _process(item) for name, item in value.items()),
                      "a map of daemon names to {status, pid, restarts, error}")},
     LOAD: {"id": _ID, "model": _MODEL, "priority": _PRIORITY, "timeout": _TIMEOUT},
     UNLOAD: {"id": _ID, "model": _MODEL, "priority": _PRIORITY, "timeout": _TIMEOUT},
@@ -486,75 +479,43 @@ REQUEST_SCHEMAS = {
 # Daemon -> broker, by `op`.
 DAEMON_SCHEMAS = {
     REGISTER: {
-        "name": _required(_name, "the daemon's name, a non-empty string"),
-        "pid": _required(lambda value: _int(value, 1), "a positive integer"),
-        "interpreter": _optional(_or_none(_text), "a string"),
-        "python": _optional(_or_none(_text), "a string"),
-        "engine": _optional(_or_none(_text), "a string"),
-        "methods": _optional(_list_of(_name), "a list of operation names"),
-        "slots": _optional(_list_of(_identity, 1024), "a list of socket identities (bytes)"),
+        "name": required(is_name, "the daemon's name, a non-empty string"),
+        "pid": required(lambda value: is_int(value, 1), "a positive integer"),
+        "interpreter": optional(or_none(is_text), "a string"),
+        "python": optional(or_none(is_text), "a string"),
+        "engine": optional(or_none(is_text), "a string"),
+        "methods": optional(list_of(is_name), "a list of operation names"),
+        "slots": optional(list_of(is_identity, 1024), "a list of socket identities (bytes)"),
         "state": _STATE, "tier": _TIER,
-        "tiers": _optional(_list_of(_one_of(Tier.ALL)), "a list of tiers"),
+        "tiers": optional(list_of(one_of(Tier.ALL)), "a list of tiers"),
         "mem": _MEM, "error": _ERROR_TEXT, "facts": _FACTS, "loads": _LOADS,
-        "uptime_s": _optional(lambda value: _number(value, 0), "a finite number >= 0"),
-        "running": _optional(_list_of(_running_call), "a list of {id, client, method, slot}"),
+        "uptime_s": optional(lambda value: is_number(value, 0), "a finite number >= 0"),
+        "running": optional(list_of(_running_call), "a list of {id, client, method, slot}"),
     },
     STATE: {"state": _STATE, "tier": _TIER, "mem": _MEM, "error": _ERROR_TEXT,
             "facts": _FACTS, "loads": _LOADS,
             # The target of a move that failed, as the daemon was asked for it.
-            "failed": _optional(_or_none(_name), "the tier it failed to reach, or null"),
-            "took_s": _optional(_or_none(lambda value: _number(value, 0)),
-                                "a finite number >= 0 or null")},
-    HEARTBEAT: {"state": _optional(_one_of(DaemonState.ALL), "a daemon state"),
-                "running": _optional(lambda value: _int(value, 0), "a non-negative integer"),
+            "failed": optional(or_none(is_name), "the tier it failed to reach, or null"),
+            "took_s": optional(or_none(lambda value: is_number(value, 0)),
+                               "a finite number >= 0 or null")},
+    HEARTBEAT: {"state": optional(one_of(DaemonState.ALL), "a daemon state"),
+                "running": optional(lambda value: is_int(value, 0), "a non-negative integer"),
                 "mem": _MEM},
 }
 
 # Daemon -> client through the broker, by `kind`. `value` is never read by the
 # broker: it travels to the client as it came.
-_REPLY = {"id": _ID, "client": _required(_identity, "the client's identity (bytes)"),
+_REPLY = {"id": _ID, "client": required(is_identity, "the client's identity (bytes)"),
           "mem": _MEM}
 REPLY_SCHEMAS = {
-    PARTIAL: dict(_REPLY, seq=_optional(lambda value: _int(value, 0), "an integer >= 0")),
-    PROGRESS: dict(_REPLY, fraction=_optional(_or_none(lambda value: _number(value, 0, 1)),
-                                              "a number in [0, 1] or null")),
+    PARTIAL: dict(_REPLY, seq=optional(lambda value: is_int(value, 0), "an integer >= 0")),
+    PROGRESS: dict(_REPLY, fraction=optional(or_none(lambda value: is_number(value, 0, 1)),
+                                             "a number in [0, 1] or null")),
     RESULT: _REPLY,
-    ERROR: dict(_REPLY, code=_required(_name, "an error code"),
-                message=_optional(_or_none(_text), "a string")),
-    CANCELLED: dict(_REPLY, message=_optional(_or_none(_text), "a string")),
+    ERROR: dict(_REPLY, code=required(is_name, "an error code"),
+                message=optional(or_none(is_text), "a string")),
+    CANCELLED: dict(_REPLY, message=optional(or_none(is_text), "a string")),
 }
-
-
-# Bounded in depth and length: a hostile value may nest a thousand levels deep.
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 40, 40
-
-
-def _shown(value):
-    text = _REPR.repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def check(header, schemas, selector):
-    """Raise BadMessage (or the field's error) unless `header` fits the schema its
-    `selector` field (op or kind) names. The error's details carry the id when it
-    is usable, so the reply can name the request."""
-    name = header.get(selector)
-    schema = schemas.get(name) if isinstance(name, str) else None
-    request_id = header.get("id")
-    details = {"id": request_id if is_request_id(request_id) else None}
-    if schema is None:
-        raise BadMessage("unknown {} {}; expected one of {}".format(
-            selector, _shown(name), ", ".join(sorted(schemas))), details)
-    for field, spec in schema.items():
-        if field not in header:
-            if spec.required:
-                raise spec.error("a {} message needs `{}`: {}".format(
-                    name, field, spec.description), details)
-        elif not spec.accepts(header[field]):
-            raise spec.error("`{}` of a {} message must be {}, not {}".format(
-                field, name, spec.description, _shown(header[field])), details)
-    return header
 
 
 def check_request(header):
@@ -567,70 +528,3 @@ def check_daemon_message(header):
 
 def check_reply(header):
     return check(header, REPLY_SCHEMAS, "kind")
-
-
-def default_runtime_dir():
-    """Where ipc sockets live when nothing else is configured."""
-    explicit = os.environ.get("MODELHOST_RUNTIME_DIR")
-    if explicit:
-        return explicit
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return os.path.join(xdg, "modelhost")
-    return os.path.join("/tmp", "modelhost-{}".format(os.getuid()))
-
-
-def default_endpoint():
-    """The broker's client endpoint: $MODELHOST_ENDPOINT, else the runtime dir's socket."""
-    return os.environ.get("MODELHOST_ENDPOINT") or "ipc://" + os.path.join(
-        default_runtime_dir(), "frontend.sock")
-
-
-def interpreter_description():
-    return "CPython {}.{}.{} ({})".format(sys.version_info[0], sys.version_info[1],
-                                          sys.version_info[2], sys.executable)
-
-
-def stderr_is_journal(stream=None):
-    """Whether stderr is the journal: systemd sets JOURNAL_STREAM=<dev>:<inode> of the
-    stream it connected, which a child's redirected stderr no longer matches."""
-    dev, sep, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
-    try:
-        stat = os.fstat((stream or sys.stderr).fileno())
-        return bool(sep) and (stat.st_dev, stat.st_ino) == (int(dev), int(inode))
-    except (AttributeError, ValueError, OSError):
-        # No stderr, one without a descriptor (io.UnsupportedOperation is an
-        # OSError and a ValueError), or a malformed variable.
-        return False
-
-
-def configure_logging(component, level="info"):
-    """One event a line on stderr: time, level, component, then `daemon=` / `rid=` fields.
-
-    Shared by the broker, the supervisor and every daemon so that their lines,
-    interleaved in one terminal or journal, read and parse alike. Under the
-    journal each line starts with its syslog priority (`<3>`, sd-daemon.h)
-    instead of a time, which the journal records itself; every line of a
-    traceback carries it, or the journal would file the rest as info.
-    """
-    import logging
-
-    class JournalFormatter(logging.Formatter):
-        def format(self, record):
-            level = record.levelno
-            prefix = "<{}>".format(2 if level >= logging.CRITICAL else 3 if level >= logging.ERROR
-                                   else 4 if level >= logging.WARNING
-                                   else 6 if level >= logging.INFO else 7)
-            text = logging.Formatter.format(self, record)
-            return "\n".join(prefix + line for line in text.split("\n"))
-
-    handler = logging.StreamHandler(sys.stderr)
-    if stderr_is_journal():
-        handler.setFormatter(JournalFormatter("%(levelname)s " + component + " %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s.%(msecs)03d %(levelname)s " + component + " %(message)s",
-            "%Y-%m-%dT%H:%M:%S"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(getattr(logging, str(level).upper(), logging.INFO))

@@ -12,14 +12,14 @@ import logging
 import os
 import sys
 
-from modelhost import protocol
+from modelhost import local
 
 
 def load_spec(name, path):
     if path is None and os.environ.get("MODELHOST_DAEMON_SPEC"):
         spec = json.loads(os.environ["MODELHOST_DAEMON_SPEC"])
     else:
-        path = path or os.path.join(protocol.default_runtime_dir(), "daemons", name + ".json")
+        path = path or os.path.join(local.default_runtime_dir(), "daemons", name + ".json")
         with open(path) as handle:
             spec = json.load(handle)
     if spec.get("name") != name:
@@ -37,7 +37,7 @@ def main(argv=None):
     parser.add_argument("--spec", help="the daemon's JSON spec file")
     args = parser.parse_args(argv)
     spec = load_spec(args.name, args.spec)
-    protocol.configure_logging("daemon=" + args.name, spec.get("log_level", "info"))
+    local.configure_logging("daemon=" + args.name, spec.get("log_level", "info"))
     log = logging.getLogger("modelhost.daemon")
     for entry in reversed(spec.get("pythonpath") or []):
         sys.path.insert(0, entry)
@@ -61,7 +61,7 @@ def main(argv=None):
         engine_error = "cannot create engine {}: {}: {}".format(
             spec.get("engine"), type(exc).__name__, exc)
         log.error("%s", engine_error)
-    log.info("starting: %s, engine %s, pid %d", protocol.interpreter_description(),
+    log.info("starting: %s, engine %s, pid %d", local.interpreter_description(),
              spec.get("engine"), os.getpid())
     return Runtime(spec, engine, engine_error).run()
 

@@ -51,9 +51,9 @@ import traceback
 
 import zmq
 
-from modelhost import protocol
-from modelhost.errors import (BadArguments, Cancelled, ModelhostError, PayloadTooLarge,
-                              error_from_wire)
+from modelhost import local, protocol
+from modelhost.errors import (BadArguments, Cancelled, EngineError, ModelhostError,
+                              PayloadTooLarge, error_from_wire)
 
 from .engine import CallContext, operations_of
 
@@ -247,17 +247,11 @@ def release_memory():
 Tier = protocol.Tier
 State = protocol.DaemonState
 
-# (from tier, to tier) -> (engine method, state while it runs)
-_STEPS = {
-    (Tier.UNLOADED, Tier.RESIDENT): ("load", State.LOADING),
-    (Tier.OFFLOADED, Tier.RESIDENT): ("onload", State.ONLOADING),
-    (Tier.RESIDENT, Tier.OFFLOADED): ("offload", State.OFFLOADING),
-    (Tier.RESIDENT, Tier.UNLOADED): ("unload", State.UNLOADING),
-    (Tier.OFFLOADED, Tier.UNLOADED): ("unload", State.UNLOADING),
-}
+# The engine method that makes a move, by the state the daemon shows while it
+# runs (protocol.MOVING_STATE: which moves there are).
+_HOOKS = {State.LOADING: "load", State.ONLOADING: "onload", State.OFFLOADING: "offload",
+          State.UNLOADING: "unload"}
 _DOWNWARD = ("offload", "unload")
-_STATE_AT = {Tier.RESIDENT: State.READY, Tier.OFFLOADED: State.OFFLOADED,
-             Tier.UNLOADED: State.UNLOADED}
 
 
 def can_offload(engine):
@@ -348,20 +342,17 @@ class Slot(object):
     def run_call(self, header, payloads):
         runtime = self.runtime
         request_id, client = header.get("id"), header.get("client")
-        base = {"id": request_id, "client": client}
         ctx = CallContext(request_id, header.get("method"), bool(header.get("stream")), None)
         seq = [0]
         finished = [False]
 
         def send(kind, value):
-            header = dict(base, kind=kind)
             if kind == protocol.PARTIAL:
-                header["seq"] = seq[0]
+                frames = protocol.partial_reply(request_id, client, seq[0], value)
                 seq[0] += 1
-                frames = protocol.encode_value_message(header, "value", value)
             else:
-                header.update(value)
-                frames = protocol.encode(header)
+                frames = protocol.progress_reply(request_id, client, value["fraction"],
+                                                 value["stage"], value["message"])
             runtime.check_reply_size(frames)
             with self.lock:
                 # An engine thread that outlives its call must not speak for it.
@@ -377,7 +368,7 @@ class Slot(object):
             alone = not runtime.running
             runtime.running[key] = ctx
         try:
-            frames = self._outcome(ctx, header, payloads, base, alone)
+            frames = self._outcome(ctx, header, payloads, client, alone)
         finally:
             with runtime.running_lock:
                 runtime.running.pop(key, None)
@@ -410,7 +401,7 @@ class Slot(object):
                 log.info("slot %d sent %d recent results again for the broker that came back",
                          self.index, len(self.kept))
 
-    def _outcome(self, ctx, header, payloads, base, alone):
+    def _outcome(self, ctx, header, payloads, client, alone):
         """The terminal reply's frames, with the call's memory peaks; engine exceptions never escape."""
         runtime = self.runtime
         memory = runtime.memory
@@ -434,23 +425,20 @@ class Slot(object):
             outcome = method(ctx, **arguments)
             if inspect.isgenerator(outcome):
                 outcome = self._drain(ctx, outcome)
-            frames = protocol.encode_value_message(
-                dict(base, kind=protocol.RESULT, mem=memory.call_peaks()), "value", outcome)
+            frames = protocol.result_reply(ctx.request_id, outcome, client, memory.call_peaks())
             runtime.check_reply_size(frames)
             return frames
         except Cancelled as exc:
-            return protocol.encode(dict(base, kind=protocol.CANCELLED, message=exc.message,
-                                        mem=memory.call_peaks()))
+            return protocol.cancelled_reply(ctx.request_id, exc.message, client,
+                                            memory.call_peaks())
         except ModelhostError as exc:
-            return protocol.encode(dict(base, mem=memory.call_peaks(), **protocol.error_header(
-                ctx.request_id, exc.code, exc.message, exc.details)))
+            return protocol.error_reply(ctx.request_id, exc, client, memory.call_peaks())
         except Exception as exc:
             log.error("rid=%s %s raised %s: %s\n%s", ctx.request_id, ctx.method,
                       type(exc).__name__, exc, traceback.format_exc())
-            return protocol.encode(dict(base, mem=memory.call_peaks(), **protocol.error_header(
-                ctx.request_id, "engine_error",
+            return protocol.error_reply(ctx.request_id, EngineError(
                 "{} raised {}: {}".format(ctx.method, type(exc).__name__, exc),
-                {"type": type(exc).__name__})))
+                {"type": type(exc).__name__}), client, memory.call_peaks())
 
     @staticmethod
     def _drain(ctx, generator):
@@ -521,8 +509,8 @@ class Runtime(object):
         push = self.context.socket(zmq.PUSH)
         push.connect(_LIFECYCLE_ENDPOINT)
 
-        def report(message):
-            push.send(protocol.encode(message)[0])
+        def report(frames):
+            push.send(frames[0])
 
         try:
             while True:
@@ -535,17 +523,18 @@ class Runtime(object):
             push.close(linger=1000)
 
     def _state_message(self, took_s=None, failed=None):
-        return {"op": protocol.STATE, "state": self.state, "tier": self.tier, "took_s": took_s,
-                "mem": self.memory.report(), "loads": self.loads, "facts": self.facts,
-                "error": self.error, "failed": failed}
+        return protocol.state_message(state=self.state, tier=self.tier, took_s=took_s,
+                                      mem=self.memory.report(), loads=self.loads,
+                                      facts=self.facts, error=self.error, failed=failed)
 
     def _transition(self, target, report):
-        """Move the engine to tier `target`; returns the final state message."""
+        """Move the engine to tier `target`; returns the final state message's frames."""
         started = time.monotonic()
         current = self.tier
         if target == current:
             return self._state_message(took_s=0.0)
-        step, moving = _STEPS.get((current, target), (None, None))
+        moving = protocol.MOVING_STATE.get((current, target))
+        step = _HOOKS.get(moving)
         try:
             if self.engine is None:
                 raise RuntimeError(self.error)  # the engine could not even be created
@@ -583,7 +572,7 @@ class Runtime(object):
                 release_memory()
             except Exception as exc:
                 log.warning("releasing memory after %s failed: %s", step, exc)
-        self.tier, self.state = target, _STATE_AT[target]
+        self.tier, self.state = target, protocol.STATE_OF_TIER[target]
         return self._state_message(took_s=time.monotonic() - started)
 
     def _failed(self, step, target, exc, started):
@@ -594,7 +583,7 @@ class Runtime(object):
             # shows why, and a later {"tier": "resident"} tries again.
             self.state, self.tier, failed = State.FAILED, Tier.UNLOADED, None
         elif self.state != State.FAILED:
-            self.state = _STATE_AT[self.tier]
+            self.state = protocol.STATE_OF_TIER[self.tier]
         log.error("%s", self.error)
         return self._state_message(took_s=time.monotonic() - started, failed=failed)
 
@@ -609,32 +598,31 @@ class Runtime(object):
 
     # --- main thread: the control socket ------------------------------------
 
-    def _send(self, header):
-        protocol.send(self.control, protocol.encode(header))
+    def _send(self, frames):
+        protocol.send(self.control, frames)
 
     def _register(self):
         with self.running_lock:
             running = [{"id": ctx.request_id, "client": client, "method": ctx.method,
                         "slot": ctx.slot} for (client, _), ctx in self.running.items()]
-        self._send({
-            "op": protocol.REGISTER,
-            "name": self.name,
-            "pid": os.getpid(),
-            "interpreter": protocol.interpreter_description(),
-            "python": "{}.{}.{}".format(*sys.version_info[:3]),
-            "engine": self.spec.get("engine"),
-            "methods": sorted(self.operations),
-            "slots": [slot.identity for slot in self.slots],
-            "state": self.state,
-            "tier": self.tier,
-            "tiers": self.tiers,
-            "mem": self.memory.report(),
-            "error": self.error,
-            "facts": self.facts,
-            "loads": self.loads,
-            "uptime_s": time.monotonic() - self.started,
-            "running": running,
-        })
+        self._send(protocol.register_message(
+            name=self.name,
+            pid=os.getpid(),
+            interpreter=local.interpreter_description(),
+            python="{}.{}.{}".format(*sys.version_info[:3]),
+            engine=self.spec.get("engine"),
+            methods=sorted(self.operations),
+            slots=[slot.identity for slot in self.slots],
+            state=self.state,
+            tier=self.tier,
+            tiers=self.tiers,
+            mem=self.memory.report(),
+            error=self.error,
+            facts=self.facts,
+            loads=self.loads,
+            uptime_s=time.monotonic() - self.started,
+            running=running,
+        ))
 
     def _on_control(self, frames):
         try:
@@ -664,11 +652,11 @@ class Runtime(object):
             log.warning("ignored unknown command %r from the broker", op)
 
     def _on_lifecycle(self, frame):
+        # The lifecycle thread built the state message; this thread owns the socket.
         message = protocol.decode_header(frame)
-        message.pop("v", None)
         log.info("state %s, tier %s%s", message["state"], message["tier"],
                  ": " + message["error"] if message.get("error") else "")
-        self._send(message)
+        self._send([frame])
 
     def _parent_gone(self):
         return self.parent_pid is not None and os.getppid() != self.parent_pid
@@ -730,8 +718,8 @@ class Runtime(object):
                 else:
                     with self.running_lock:
                         running = len(self.running)
-                    self._send({"op": protocol.HEARTBEAT, "state": self.state,
-                                "running": running, "mem": self.memory.report()})
+                    self._send(protocol.heartbeat_message(self.state, running,
+                                                          self.memory.report()))
         self._shutdown()
         return 0
 

@@ -26,11 +26,11 @@ VENV_CACHE = ROOT / ".cache" / "test-venvs"
 
 def _own_dirs():
     """The state and runtime dirs a modelhost of the user's own would use here."""
-    from modelhost import protocol
+    from modelhost import local
     from modelhost.broker.config import _default_state_dir
 
     return [Path(os.path.expanduser("~/.local/state/modelhost")), _default_state_dir(),
-            Path(os.path.abspath(protocol.default_runtime_dir()))]
+            Path(os.path.abspath(local.default_runtime_dir()))]
 
 
 # A test run must never touch the user's own state (venvs, remembered footprints)

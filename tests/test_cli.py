@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 import modelhost
-from modelhost import cli, protocol
+from modelhost import _cli_status, _format, cli, protocol
 from modelhost.errors import InsufficientMemory, RequestError, RequestLost, UnknownModel
 
 GiB = 2**30
@@ -55,7 +55,7 @@ def status(daemons, devices=None, probe="nvml", reason="NVML found 1 GPU"):
 # --- ps: the memory picture ---------------------------------------------------------
 
 def test_ps_renders_devices_and_the_memory_columns():
-    text = cli.render_status(status([
+    text = _cli_status.render_status(status([
         daemon_row(name="cosyvoice", state="busy", pinned=True, running=1, queued=2),
         daemon_row(name="talkinggaussian", state="offloaded", tier="offloaded", pid=2345,
                    python="3.7.17", memory_bytes=310 * MiB, ttl_s=250.4, idle_ttl_s=600.0,
@@ -85,12 +85,12 @@ def test_ps_renders_devices_and_the_memory_columns():
 
 def test_a_long_device_line_wraps():
     device = gpu(name="gpu0 (NVIDIA H100 80GB HBM3)", external_counted=False)
-    assert cli.device_line(device) == (
+    assert _cli_status.device_line(device) == (
         "gpu0 (NVIDIA H100 80GB HBM3): used 41.2 / 79.6 GiB, committed 38.0 GiB of threshold "
         "71.7 GiB (90% of 79.6 GiB),\n    external 1.1 GiB (not counted)")
-    lines = cli.render_status(status([daemon_row()], devices=[device])).splitlines()
-    assert lines[2:4] == ["  " + line for line in cli.device_line(device, 118).splitlines()]
-    assert all(len(line) <= cli.TABLE_WIDTH for line in lines)
+    lines = _cli_status.render_status(status([daemon_row()], devices=[device])).splitlines()
+    assert lines[2:4] == ["  " + line for line in _cli_status.device_line(device, 118).splitlines()]
+    assert all(len(line) <= _cli_status.TABLE_WIDTH for line in lines)
 
 
 def test_ps_table_fits_in_120_columns_without_an_error():
@@ -100,25 +100,26 @@ def test_ps_table_fits_in_120_columns_without_an_error():
                                 "measured": {"resident": int(12.3 * GiB),
                                              "peak": int(4.5 * GiB)}},
                      queued=12, running=1, restarts=10)
-    text = cli.render_status(status([row]))
-    assert max(len(line) for line in text.splitlines()) <= cli.TABLE_WIDTH
+    text = _cli_status.render_status(status([row]))
+    assert max(len(line) for line in text.splitlines()) <= _cli_status.TABLE_WIDTH
 
 
 def test_ps_wide_shows_every_column():
-    text = cli.render_status(status([daemon_row(evictions=3, loads=4)]), wide=True)
+    text = _cli_status.render_status(status([daemon_row(evictions=3, loads=4)]), wide=True)
     header, row = text.splitlines()[-2:]
     assert header.split("  ")[0] == "NAME"
     for column in ("DEV", "UPTIME", "LOADS", "EVICTIONS", "RESTARTS"):
         assert column in header
-    assert "RESTARTS" in header and "RESTARTS" not in cli.render_status(status([daemon_row()]))
+    assert "RESTARTS" in header
+    assert "RESTARTS" not in _cli_status.render_status(status([daemon_row()]))
     assert row.split() == ["tts", "ready", "resident", "gpu0", "4321", "3.10.14", "60m", "2.1",
                            "GiB", "2.0G/2.3G", "512M/640M", "-", "0/1", "0/64", "4", "3", "0"]
 
 
 def test_ps_shows_the_device_column_when_there_are_several():
-    one = cli.render_status(status([daemon_row()]))
+    one = _cli_status.render_status(status([daemon_row()]))
     assert "DEV" not in one
-    two = cli.render_status(status([daemon_row(), daemon_row(name="b", device="gpu1")],
+    two = _cli_status.render_status(status([daemon_row(), daemon_row(name="b", device="gpu1")],
                                    devices=[gpu(0), gpu(1)]))
     assert "gpu1 (NVIDIA H100): used" in two
     header, first, second = two.splitlines()[-3:]
@@ -135,7 +136,7 @@ def test_ps_shows_the_device_column_when_there_are_several():
     (daemon_row(ttl_s=-1.0, idle_ttl_s=60.0), "0s"),
 ])
 def test_ttl_column(row, ttl):
-    assert cli._ttl(row) == ttl
+    assert _cli_status._ttl(row) == ttl
 
 
 @pytest.mark.parametrize("footprint, resident, peak", [
@@ -150,7 +151,7 @@ def test_ttl_column(row, ttl):
 ])
 def test_footprint_columns(footprint, resident, peak):
     row = daemon_row(footprint=footprint)
-    assert (cli._footprint(row, "resident"), cli._footprint(row, "peak")) == (resident, peak)
+    assert (_format.footprint(row, "resident"), _format.footprint(row, "peak")) == (resident, peak)
 
 
 @pytest.mark.parametrize("device, line", [
@@ -173,11 +174,11 @@ def test_footprint_columns(footprint, resident, peak):
     ({"name": "tiny", "total": 900, "used": 100}, "tiny: used 100 / 900 B"),
 ])
 def test_device_line(device, line):
-    assert cli.device_line(device) == line
+    assert _cli_status.device_line(device) == line
 
 
 def test_ps_of_an_older_broker_without_memory_fields():
-    text = cli.render_status({
+    text = _cli_status.render_status({
         "broker": {"pid": 7, "uptime_s": 10.0, "frontend": "ipc:///x"},
         "memory": {"probe": "host", "devices": [
             {"name": "host", "total": 8 * GiB, "used": 3 * GiB, "free": 5 * GiB}]},
@@ -194,7 +195,7 @@ def test_ps_of_an_older_broker_without_memory_fields():
         "espeak  ready  -     12   3.12.4  40.0 MiB  -         -     -    0/1  0/64",
     ]
     # Even less: no memory section at all, and no daemons.
-    assert cli.render_status({"broker": {}, "daemons": []}).splitlines() == [
+    assert _cli_status.render_status({"broker": {}, "daemons": []}).splitlines() == [
         "broker pid ? up -, clients at ?", "no daemons configured"]
 
 
@@ -204,7 +205,7 @@ def test_parse_load():
     args = cli.build_parser().parse_args(["load", "tts"])
     assert (args.command, args.name, args.timeout, args.priority, args.json) == (
         "load", "tts", None, "normal", False)
-    assert args.handler is cli.cmd_memory_op
+    assert args.handler is _cli_status.cmd_memory_op
     args = cli.build_parser().parse_args(["load", "tts", "--timeout", "90", "--priority",
                                           "interactive", "--json", "--endpoint", "ipc:///e"])
     assert (args.timeout, args.priority, args.json, args.endpoint) == (
@@ -219,7 +220,7 @@ def test_parse_unload_pin_unpin():
     for verb in ("pin", "unpin"):
         args = parser.parse_args([verb, "tts", "--json"])
         assert (args.command, args.name, args.json, args.handler) == (
-            verb, "tts", True, cli.cmd_memory_op)
+            verb, "tts", True, _cli_status.cmd_memory_op)
 
 
 @pytest.mark.parametrize("argv", [
@@ -276,7 +277,7 @@ class FakeClient(object):
 
 @pytest.fixture
 def fake_client(monkeypatch):
-    monkeypatch.setattr(cli, "Client", FakeClient)
+    monkeypatch.setattr(_cli_status, "Client", FakeClient)
     FakeClient.calls = []
     FakeClient.answer = daemon_row()
     return FakeClient
@@ -306,10 +307,11 @@ def test_unload_pin_unpin_lines(fake_client, capsys):
 
 
 def test_memory_op_line_with_few_fields():
-    assert cli.memory_op_line("load", "tts", {}, 0.04) == "tts: ? (loaded in 0.0s)"
-    assert cli.memory_op_line("unload", "tts", {"tier": "stopped"}, 1.25) == (
+    assert _cli_status.memory_op_line("load", "tts", {}, 0.04) == "tts: ? (loaded in 0.0s)"
+    assert _cli_status.memory_op_line("unload", "tts", {"tier": "stopped"}, 1.25) == (
         "tts: stopped (unloaded in 1.2s)")
-    assert cli.memory_op_line("pin", "tts", {"state": "starting"}) == "tts: pinned, starting"
+    assert _cli_status.memory_op_line("pin", "tts", {"state": "starting"}) == \
+        "tts: pinned, starting"
 
 
 def test_memory_verb_json_prints_the_row(fake_client, capsys):
@@ -402,10 +404,10 @@ class ScriptedBroker(object):
 
 def answer_with_row(header):
     if header["model"] != "tts":
-        return [protocol.error_header(header["id"], "unknown_model", "no model named {!r}"
-                                      .format(header["model"]))]
+        return [protocol.error_header(header["id"], UnknownModel("no model named {!r}"
+                                                                 .format(header["model"])))]
     if header.get("priority") == "batch":
-        return [protocol.error_header(header["id"], "insufficient_memory", "never fits")]
+        return [protocol.error_header(header["id"], InsufficientMemory("never fits"))]
     tier = "unloaded" if header["op"] == protocol.UNLOAD else "resident"
     return [{"kind": protocol.PROGRESS, "id": header["id"], "fraction": 0.5},
             {"kind": protocol.RESULT, "id": header["id"],

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from conftest import OWN_DIRS, TEST_RUNTIME_HOME, TEST_STATE_HOME
 
-from modelhost import protocol
+from modelhost import local
 from modelhost.broker.config import _default_state_dir, load_config
 
 PRIVATE = (TEST_STATE_HOME, TEST_RUNTIME_HOME)
@@ -26,13 +26,13 @@ def test_the_default_dirs_are_private_here_and_in_child_processes():
         assert _private(os.environ[var]), var
     assert "MODELHOST_ENDPOINT" not in os.environ
     default = load_config()  # the embedded default: `modelhost up` with no --config
-    seen = [_default_state_dir(), protocol.default_runtime_dir(), protocol.default_endpoint()[6:],
+    seen = [_default_state_dir(), local.default_runtime_dir(), local.default_endpoint()[6:],
             default.broker.state_dir, default.broker.runtime_dir,
             default.daemons["espeak"].venv]
     # What a process a test starts (`modelhost up`, `modelhost setup`) resolves.
-    code = ("import json; from modelhost import protocol; "
+    code = ("import json; from modelhost import local; "
             "from modelhost.broker.config import _default_state_dir as s; "
-            "print(json.dumps([str(s()), protocol.default_runtime_dir()]))")
+            "print(json.dumps([str(s()), local.default_runtime_dir()]))")
     seen += json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True,
                                       text=True, check=True).stdout)
     assert all(_private(path) for path in seen), seen

@@ -23,9 +23,9 @@ from modelhost.broker.config import parse_config
 # Logs through configure_logging: every level, a multi-line message, a traceback.
 LOGGING_SCRIPT = r'''
 import logging
-from modelhost import protocol
+from modelhost import local
 
-protocol.configure_logging("daemon=tts", "debug")
+local.configure_logging("daemon=tts", "debug")
 log = logging.getLogger("modelhost.daemon")
 log.debug("rid=r1 debugging")
 log.info("rid=r2 informing")

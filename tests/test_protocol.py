@@ -107,10 +107,10 @@ def test_empty_message_is_a_bad_message():
 
 
 def test_error_header():
-    assert protocol.error_header(5, "timeout", "too slow") == {
+    assert protocol.error_header(5, errors.Timeout("too slow")) == {
         "kind": protocol.ERROR, "id": 5, "code": "timeout", "message": "too slow"}
-    assert protocol.error_header(5, "engine_error", "boom", {"type": "KeyError"})["details"] == {
-        "type": "KeyError"}
+    assert protocol.error_header(5, errors.EngineError("boom", {"type": "KeyError"}))[
+        "details"] == {"type": "KeyError"}
 
 
 def test_terminal_kinds():

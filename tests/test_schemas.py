@@ -75,6 +75,18 @@ def test_fields_a_schema_does_not_name_pass_untouched():
     assert protocol.check_request(header) is header
 
 
+def test_absent_request_fields_read_as_their_defaults():
+    header = protocol.check_request(dict(CALL))
+    assert (header["priority"], header["timeout"], header["stream"], header["args"]) == (
+        protocol.Priority.NORMAL, None, False, {})
+    assert protocol.check_request(dict(CALL))["args"] is not header["args"]  # one map each
+    assert protocol.check_request({"op": "ping", "id": 1})["ids"] == []
+    load = protocol.check_request({"op": "load", "id": 2, "model": "tts", "timeout": 5})
+    assert (load["priority"], load["timeout"]) == (protocol.Priority.NORMAL, 5)
+    sent = dict(CALL, priority="batch", stream=True, args={"n": 1})
+    assert protocol.check_request(dict(sent)) == dict(sent, timeout=None)
+
+
 REGISTER = {"op": "register", "name": "tts", "pid": 42, "state": "unloaded",
             "slots": [b"tts:42:s0"], "methods": ["say"], "tier": "unloaded",
             "mem": {"rss": 10, "cuda": None}, "running": [{"id": 3, "client": b"c", "slot": 0,
@@ -135,10 +147,8 @@ def test_parking_holds_in_order_within_its_budget_and_expires():
 
 
 def test_a_reply_nested_deeper_than_python_can_walk_is_a_bad_message():
-    from modelhost import _messages
-
     value = []
     for _ in range(100000):
         value = [value]
     with pytest.raises(BadMessage, match="nested too deeply"):
-        _messages.reply_value({"kind": "result", "value": value}, [])
+        protocol.reply_value({"kind": "result", "value": value}, [])

@@ -17,7 +17,7 @@ import pytest
 
 import modelhost as modelhost_package
 from conftest import Host, daemon_yaml
-from modelhost import cli
+from modelhost import _format, cli
 from modelhost.errors import BrokerUnavailable
 
 pytest.importorskip("rich")
@@ -73,8 +73,8 @@ def test_render_shows_the_real_devices_and_daemons(host):
     assert status["memory"]["devices"], status
     for device in status["memory"]["devices"]:
         row = line_with(text, "│ {} ".format(device["id"]))
-        assert cli._size(device["used"]) in row
-        assert cli._size(device["total"]) in row
+        assert _format.size(device["used"]) in row
+        assert _format.size(device["total"]) in row
         if device.get("threshold"):
             # The bar's percentage: committed (else used) of the threshold.
             held = device["committed"] if device.get("committed") is not None else device["used"]

@@ -6,7 +6,7 @@ import os
 import socket
 import sys
 
-from .. import protocol
+from .. import local
 
 log = logging.getLogger("modelhost.gateway")
 
@@ -47,7 +47,7 @@ def _write_address(path, host, port):
 
 
 def serve(settings):
-    protocol.configure_logging("gateway", settings.log_level)
+    local.configure_logging("gateway", settings.log_level)
     try:
         import uvicorn
 
@@ -79,7 +79,7 @@ def serve(settings):
     if settings.address_file:
         _write_address(settings.address_file, host, port)
     log.info("listening on %s for the broker at %s; models: %s; %s", _url(host, port),
-             settings.endpoint or protocol.default_endpoint(),
+             settings.endpoint or local.default_endpoint(),
              ", ".join("{} -> {}".format(name, route.daemon)
                        for name, route in settings.routes.items()) or "none",
              "API keys required" if settings.api_keys else "no API keys (loopback only)")
