@@ -158,11 +158,13 @@ class Handshake(object):
 
     def raise_if_refused(self, deadline):
         """Raise BrokerUnavailable once the broker refused the key (libzmq does not try
-        again then), or at `deadline`; other failures may pass as libzmq reconnects."""
+        again then) or wants CURVE from a client that has no keys (no retry can fix
+        that), or at `deadline`; other failures may pass as libzmq reconnects."""
         from .errors import BrokerUnavailable
 
         problem = self.problem()
-        if "HANDSHAKE_FAILED_AUTH" in self.failures:
+        if "HANDSHAKE_FAILED_AUTH" in self.failures or (
+                "HANDSHAKE_FAILED_PROTOCOL" in self.failures and self.keys is None):
             raise BrokerUnavailable(problem)
         if time.monotonic() > deadline:
             raise BrokerUnavailable(problem or "cannot send to the broker at {}: no connection "
