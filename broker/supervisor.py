@@ -19,6 +19,10 @@
   (`python -m modelhost.gateway`), a client of the broker like any other: it
   is ready once it has written its address file, and one that cannot start
   at all (a taken port, a missing extra) is not restarted in a loop.
+
+Its length (about 600 lines): process start, backoff, output relay and the log
+files are one child's lifecycle, kept together so that a stop or a restart is read
+in one place.
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ Peers build no header by hand. The events of the broker's PUB socket:
 
 This module runs on Python 3.7 with only pyzmq and msgpack (numpy is used when
 a value is an array and numpy is importable).
+
+Its length (about 530 lines): one builder and one schema per message kind, kept
+together on purpose, so that the whole wire can be read in one file.
 """
 
 import msgpack

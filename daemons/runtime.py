@@ -34,6 +34,10 @@ sends on a slot socket are serialized by a lock, and the slot thread itself
 only touches its socket between calls or under that lock.
 
 Runs on Python 3.7 with only pyzmq and msgpack.
+
+Its length (about 750 lines): the control loop, the slot threads and the lifecycle
+thread share one socket protocol and one set of locks; split, their invariants
+(who may touch which socket, when a kept reply is resent) would span modules.
 """
 
 import collections

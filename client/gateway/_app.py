@@ -10,6 +10,10 @@ Each HTTP request is one broker call made from this process's event loop;
 the broker's loop never sees HTTP. Every wait on the broker (the first chunk,
 the next chunk, a transcription's result) is cancelled when the client
 disconnects, and with it the call in the daemon.
+
+Its length (about 690 lines): the routes, each with the checks of its OpenAI request
+shape and its error mapping; the audio formats (_audio.py), settings (_settings.py)
+and server (_server.py) are modules of their own.
 """
 
 import asyncio

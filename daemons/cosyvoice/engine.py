@@ -27,6 +27,9 @@ What the engine adds around upstream:
 
 Only the standard library and modelhost are imported at module level, so that
 preflight() runs without torch, numpy or upstream.
+
+Its length (about 870 lines): one engine against one upstream interface, with its
+voice registry and tier moves; the audio checks are in audio.py already.
 """
 
 import collections

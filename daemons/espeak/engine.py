@@ -31,6 +31,9 @@ Notes on the C library (espeak-ng 1.52, as shipped by espeakng-loader 0.2.4):
   so it fails with EE_NOT_FOUND. Codes are resolved to their best voice here.
   A listed voice whose dictionary the data lacks (fo_dict in the wheel) sets
   fine but speaks silence: load() leaves such voices out.
+
+Its length (about 730 lines): most of it is the ctypes binding of libespeak-ng and
+the workarounds above, which belong beside the one engine that needs them.
 """
 
 import ctypes

@@ -35,6 +35,10 @@ command the training job runs comes from _stage_command().
 Imports here are the standard library and modelhost only: torch, numpy and
 upstream come in when a method needs them, so preflight() runs anywhere.
 Python 3.7.
+
+Its length (about 900 lines): one engine against one upstream interface (render and
+its streaming, tiers); dataset reading, video, audio features and training are in
+their own modules already.
 """
 
 import importlib.util
