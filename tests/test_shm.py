@@ -1,23 +1,48 @@
 """Large payloads in shared memory (modelhost._shm): bit-exact across the threshold, owner-only,
 never left behind, frames whenever shared memory cannot be used.
 
-These encode and decode in this process, each test in a segment directory of its own.
+The unit tests encode and decode in this process; the slow ones go through a real
+`modelhost up` (daemons on the host interpreter and on Python 3.7) and kill its processes
+with SIGKILL mid-call. Every test has a segment directory of its own.
 """
 
+import asyncio
 import errno
 import logging
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
 
 import msgpack
 import numpy
 import pytest
 
-from modelhost import _shm, _shm_pool, protocol
+import modelhost
+from conftest import ROOT, daemon_yaml, pid_alive
+from modelhost import _shm, _shm_client, _shm_pool, protocol
+from modelhost.broker.config import ShmConfig, daemon_spec, parse_config
 from modelhost.errors import BadMessage
+
+THRESHOLD = 100000  # the real hosts' broker.shm.threshold: odd, so that it is surely read
+
+
+@pytest.fixture
+def shm_dir(monkeypatch):
+    """A private segment dir, also this process's clients' (MODELHOST_SHM_DIR)."""
+    path = Path(tempfile.mkdtemp(prefix="mh-shm-", dir="/tmp"))
+    monkeypatch.setenv("MODELHOST_SHM_DIR", str(path))
+    yield path
+    for name in os.listdir(str(path)):
+        os.unlink(str(path / name))
+    path.rmdir()
 
 
 def segments_in(path):
@@ -31,6 +56,12 @@ def is_pool_file(name):
 def messages_in(path):
     """The segments that carry a message (not the pool files their bytes live in)."""
     return [name for name in segments_in(path) if not is_pool_file(name)]
+
+
+def left_behind(path):
+    """What must never remain: a message's segment, or a pool file whose owner is gone."""
+    return messages_in(path) + [name for name in segments_in(path) if is_pool_file(name)
+                                and not _shm.owner_alive(_shm.owner_of(name))]
 
 
 @pytest.fixture(autouse=True)
@@ -356,3 +387,385 @@ def test_the_schemas_take_references_and_refuse_bad_names():
     reply = {"kind": "result", "id": 1, "client": b"c", "shm": {"segments": ["x"]}}
     with pytest.raises(BadMessage, match="shm"):
         protocol.check_reply(reply)
+
+
+# --- a client's side, the configuration --------------------------------------------------
+
+def test_a_request_that_ends_without_its_result_takes_its_segments_along(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELHOST_SHM_DIR", str(tmp_path))
+    client = _shm_client.ClientSegments("ipc:///nowhere/frontend.sock", "/nowhere")
+    client.learn({"dir": str(tmp_path), "threshold": 10, "max_total": 2**30,
+                  "tokens": {"m": _shm.token_of(str(tmp_path))}})
+    offers = {}
+    for request_id in (1, 2):
+        offers[request_id] = client.offer(request_id)
+        protocol.encode_value_message({}, "args", b"a" * 100, client.writer(request_id, "m"))
+    # What a daemon wrote for each request (the reply of 1 was never sent: it died).
+    daemon = _shm.Segments(str(tmp_path), threshold=10)
+    for request_id, offer in offers.items():
+        assert offer["token"] == daemon.token
+        protocol.encode_value_message({}, "value", b"r" * 100,
+                                      daemon.writer(offer["owner"], offer["tag"]))
+    assert len(messages_in(tmp_path)) == 4
+    client.finish(1, result=False)  # its arguments, and what was made for it
+    left = messages_in(tmp_path)
+    assert len(left) == 2 and all("-r{}-".format(offers[2]["tag"]) in name or
+                                  _shm.owner_of(name) == _shm.own_name() for name in left)
+    client.finish(2, result=True)  # its arguments; its result is the reader's to unlink
+    assert len(messages_in(tmp_path)) == 1
+    client.discard({"shm": {"segments": messages_in(tmp_path)}})
+    assert messages_in(tmp_path) == []
+
+
+def test_endpoints_on_this_host():
+    for endpoint in ("ipc:///run/x.sock", "tcp://127.0.0.1:5555", "tcp://localhost:1",
+                     "tcp://[::1]:5555"):
+        assert _shm_client.endpoint_is_local(endpoint), endpoint
+    for endpoint in ("tcp://10.0.0.2:5555", "tcp://gpu-box:5555", "tcp://[fe80::1]:1"):
+        assert not _shm_client.endpoint_is_local(endpoint), endpoint
+
+
+def test_a_remote_broker_gets_frames_and_no_offer(caplog):
+    caplog.set_level(logging.INFO, logger="modelhost.shm")
+    client = _shm_client.ClientSegments("tcp://10.1.2.3:5555", "/nowhere")
+    assert client.offer(1) is None and client.writer(1, "m") is None
+    assert not client.needs_info("m", {"data": b"x" * 2**20})
+    assert any("travel as frames: the broker is on another host" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_config_keys(tmp_path):
+    base = "daemons:\n  a:\n    engine: x:Y\n    python: /usr/bin/python3\n    venv: false\n"
+    assert parse_config(base).broker.shm == ShmConfig()
+    assert ShmConfig().threshold == _shm.DEFAULT_THRESHOLD and ShmConfig().dir is None
+    config = parse_config(base + textwrap.dedent("""\
+        broker:
+          runtime_dir: {}
+          shm: {{threshold: 64KiB, max_total: 2GiB, dir: {}}}
+        """.format(tmp_path / "run", tmp_path / "seg")))
+    assert config.broker.shm == ShmConfig(threshold=64 * 2**10, max_total=2 * 2**30,
+                                          dir=tmp_path / "seg")
+    assert daemon_spec(config, "a")["shm"] == {"dir": str(tmp_path / "seg"),
+                                               "threshold": 65536, "max_total": 2**31}
+    off = parse_config(base + "broker:\n  shm: {threshold: off}\n")
+    assert off.broker.shm.threshold is None
+    with pytest.raises(Exception, match=r"broker\.shm\.max_total: expected a size"):
+        parse_config(base + "broker:\n  shm: {max_total: lots}\n")
+    with pytest.raises(Exception, match=r"broker\.shm\.treshold: unknown key; did you mean"):
+        parse_config(base + "broker:\n  shm: {treshold: 1MiB}\n")
+
+
+def test_the_broker_takes_references_only_from_clients_on_its_host():
+    from types import SimpleNamespace
+
+    from modelhost.broker.broker import Broker
+
+    class Frame(object):
+        def __init__(self, peer):
+            self.peer = peer
+
+        def get(self, name):
+            assert name == "Peer-Address"
+            return self.peer
+
+    def on_this_host(frontend, peer):
+        broker = SimpleNamespace(config=SimpleNamespace(broker=SimpleNamespace(
+            frontend=frontend)))
+        return Broker._on_this_host(broker, Frame(peer))
+
+    assert on_this_host("ipc:///run/x/frontend.sock", "localhost:0:0:42")
+    for peer in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
+        assert on_this_host("tcp://127.0.0.1:5555", peer), peer
+    for peer in ("10.0.0.5", "192.168.1.2", "fe80::1", ""):
+        assert not on_this_host("tcp://0.0.0.0:5555", peer), peer
+
+
+# --- through a real `modelhost up` ----------------------------------------------------------
+
+def shm_host(make_host, shm_dir, daemons, **settings):
+    broker = {"shm": "{{threshold: {}, dir: {}}}".format(THRESHOLD, shm_dir)}
+    broker.update(settings)
+    return make_host(daemons, broker).start()
+
+
+def owners(value):
+    """The type of the object each array's bytes live in (mmap: shared memory)."""
+    found = {}
+    for key, item in value.items():
+        if isinstance(item, numpy.ndarray):
+            base = item
+            while getattr(base, "base", None) is not None:
+                base = base.base
+            found[key] = type(getattr(base, "obj", base)).__name__
+    return found
+
+
+@pytest.mark.slow
+def test_round_trips_through_a_real_host_and_a_python_3_7_daemon(make_host, shm_dir,
+                                                                 test_venvs):
+    host = shm_host(make_host, shm_dir, [daemon_yaml("new"), daemon_yaml(
+        "old", test_venvs["py37"])])
+    host.wait_ready("new", "old")
+    client = host.client()
+    values = payloads(THRESHOLD)
+    for name in ("new", "old"):
+        echoed = client.call(name, "echo", data=values)["data"]
+        assert same(values, echoed), name
+        # Over the threshold both ways in shared memory, under it in frames.
+        came = owners(echoed)
+        assert came["u1_over"] == came["u1_at"] == came["f4"] == came["zero_d_big"] == "mmap"
+        assert came["u1_under"] == "Frame" and came["zero_d_small"] == "Frame"
+        seen = client.call(name, "payload_owners", over=values["u1_over"],
+                           at=values["structured"], under=values["u1_under"])
+        assert seen == {"over": "mmap", "at": "mmap", "under": "Frame"}, name
+        assert left_behind(shm_dir) == []
+    assert client.call("old", "info")["python"].startswith("3.7.")
+    # A streamed chunk comes the same way.
+    chunks = list(client.stream("old", "count", n=3, size=THRESHOLD + 5))
+    assert [c["blob"] for c in chunks] == [bytes([i]) * (THRESHOLD + 5) for i in range(3)]
+    assert left_behind(shm_dir) == []
+
+
+@pytest.mark.slow
+def test_a_new_clients_first_large_call_to_a_settled_broker(make_host, shm_dir):
+    # The client asks the broker (`ps`) before its first large call, and pings while it
+    # waits: the call it has not sent yet must not be in that ping, or a broker that has
+    # been up a while would call it lost.
+    host = shm_host(make_host, shm_dir, [daemon_yaml("probe")])
+    host.wait_ready("probe")
+    host.wait_for(lambda status: status["broker"]["uptime_s"] > 3.0, what="a settled broker")
+    for client in (host.client(), host.client()):
+        data = numpy.arange(THRESHOLD, dtype="<i8")
+        echoed = client.call("probe", "echo", data=data)["data"]
+        assert same(data, echoed) and owners({"v": echoed})["v"] == "mmap"
+
+
+@pytest.mark.slow
+def test_a_daemon_maps_only_the_segments_its_call_lists(make_host, shm_dir):
+    import zmq
+
+    host = shm_host(make_host, shm_dir, [daemon_yaml("probe")])
+    host.wait_ready("probe")
+    segments = _shm.Segments(str(shm_dir), threshold=10)
+    frames = protocol.call_message(1, "probe", "echo", {"data": b"s" * 100},
+                                   writer=segments.writer())
+    header = msgpack.unpackb(frames[0], raw=False)
+    (name,) = header.pop("shm")["segments"]  # as the broker strips it from another host
+    context = zmq.Context.instance()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(host.endpoint)
+    try:
+        socket.send_multipart([msgpack.packb(header, use_bin_type=True)] + frames[1:])
+        assert socket.poll(30000)
+        reply, _ = protocol.decode(socket.recv_multipart())
+    finally:
+        socket.close(0)
+    assert reply["kind"] == "error" and reply["code"] == "bad_message", reply
+    assert "does not list" in reply["message"]
+    assert name in messages_in(shm_dir)  # not mapped, not unlinked: still its owner's
+    _shm.unlink_listed(str(shm_dir), [name])
+
+
+@pytest.mark.slow
+def test_the_async_client_round_trips_through_shared_memory(make_host, shm_dir):
+    host = shm_host(make_host, shm_dir, [daemon_yaml("probe")])
+    host.wait_ready("probe")
+    values = payloads(THRESHOLD)
+
+    async def main():
+        async with modelhost.AsyncClient(host.endpoint) as client:
+            echoed = (await client.call("probe", "echo", data=values))["data"]
+            chunks = [c async for c in client.stream("probe", "count", n=2,
+                                                     size=THRESHOLD * 2)]
+            return echoed, chunks
+
+    echoed, chunks = asyncio.run(main())
+    assert same(values, echoed) and owners(echoed)["u1_over"] == "mmap"
+    assert [c["blob"] for c in chunks] == [bytes([i]) * THRESHOLD * 2 for i in range(2)]
+    assert left_behind(shm_dir) == []
+
+
+@pytest.mark.slow
+def test_frames_when_shared_memory_is_off_or_not_shared(make_host, shm_dir, monkeypatch,
+                                                        caplog):
+    caplog.set_level(logging.INFO, logger="modelhost.shm")
+    host = shm_host(make_host, shm_dir, [daemon_yaml("probe")])
+    off = make_host([daemon_yaml("probe")], {"shm": "{threshold: off}"}).start()
+    host.wait_ready("probe")
+    off.wait_ready("probe")
+    values = payloads(THRESHOLD)
+    echoed = off.client().call("probe", "echo", data=values)["data"]
+    assert same(values, echoed) and owners(echoed)["u1_over"] == "Frame"
+    assert any("shared memory is off in the broker's configuration" in r.getMessage()
+               for r in caplog.records)
+    # A client whose segment dir is not the daemon's: frames both ways, bit-exact.
+    elsewhere = Path(tempfile.mkdtemp(prefix="mh-shm-other-", dir="/tmp"))
+    monkeypatch.setenv("MODELHOST_SHM_DIR", str(elsewhere))
+    try:
+        echoed = host.client().call("probe", "echo", data=values)["data"]
+        assert same(values, echoed) and owners(echoed)["u1_over"] == "Frame"
+        assert segments_in(elsewhere) == [] and segments_in(shm_dir) == []
+    finally:
+        elsewhere.rmdir()
+    assert any("does not share this client's shared-memory directory" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_the_daemon_limit_counts_what_comes_in_shared_memory(make_host, shm_dir):
+    host = shm_host(make_host, shm_dir, [daemon_yaml("probe", max_payload="1MiB")],
+                    max_reply="2MiB")
+    host.wait_ready("probe")
+    with pytest.raises(modelhost.PayloadTooLarge):
+        host.client().call("probe", "echo", data=numpy.zeros(2**20 + 8, dtype=numpy.uint8))
+    assert left_behind(shm_dir) == []
+    # The broker's frame cap on replies is for frames: a reply in shared memory does not
+    # pass through the broker's socket.
+    chunks = list(host.client().stream("probe", "count", n=2, size=3 * 2**20))
+    assert [len(chunk["blob"]) for chunk in chunks] == [3 * 2**20] * 2
+    assert left_behind(shm_dir) == []
+
+
+@pytest.mark.slow
+def test_a_result_that_comes_after_the_timeout_is_unlinked_by_the_broker(make_host, shm_dir,
+                                                                        tmp_path):
+    host = shm_host(make_host, shm_dir, [daemon_yaml("probe")])
+    host.wait_ready("probe")
+    client = host.client()
+    release = tmp_path / "release"
+    data = numpy.ones(THRESHOLD * 3, dtype=numpy.uint8)
+    with pytest.raises(modelhost.Timeout):
+        client.call("probe", "echo_after", data=data, path=str(release), timeout=0.5)
+    assert left_behind(shm_dir) == []  # the daemon unlinked the arguments once mapped
+    release.touch()
+    # The daemon writes the late result for this (live) client; the broker drops the
+    # reply and unlinks it.
+    host.wait_for(lambda status: all(d["state"] == "ready" for d in status["daemons"]),
+                  what="the late call to end")
+    wait_until(lambda: left_behind(shm_dir) == [], "the late result's segment to go")
+    assert client.call("probe", "add", a=1) == 1
+
+
+def wait_until(predicate, what, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for " + what)
+
+
+def call_in_thread(client, method, **arguments):
+    """(thread, outcome) of a call of the probe daemon's `method` made in a thread:
+    outcome gets "value" or "error" once it ends."""
+    outcome = {}
+
+    def call():
+        try:
+            outcome["value"] = client.call("probe", method, **arguments)
+        except modelhost.ModelhostError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    return thread, outcome
+
+
+CLIENT_SCRIPT = """
+import sys, numpy, modelhost
+client = modelhost.Client(sys.argv[1])
+print("calling", flush=True)
+client.call("probe", "echo_after", data=numpy.ones({size}, dtype=numpy.uint8), path=sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_client_mid_call_leaves_no_segment(make_host, shm_dir, tmp_path):
+    host = shm_host(make_host, shm_dir, [daemon_yaml("probe", concurrency=1, max_queue=4)])
+    host.wait_ready("probe")
+    running, queued = tmp_path / "running", tmp_path / "queued"
+    script = CLIENT_SCRIPT.format(size=THRESHOLD * 4)
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
+    clients = []
+    # One call running in the daemon (its arguments mapped), one queued in the broker
+    # (its arguments still the client's): both clients killed.
+    for path in (running, queued):
+        clients.append(subprocess.Popen([sys.executable, "-c", script, host.endpoint, str(path)],
+                                        env=env, stdout=subprocess.PIPE))
+        assert clients[-1].stdout.readline().strip() == b"calling"
+        if path is running:
+            host.wait_for(lambda status: status["daemons"][0]["state"] == "busy",
+                          what="the first call to run")
+    wait_until(lambda: len(messages_in(shm_dir)) == 1, "the queued call's segment")
+    for process in clients:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        process.stdout.close()
+    running.touch()  # the daemon writes a result for a dead client
+    queued.touch()
+    wait_until(lambda: left_behind(shm_dir) == [], "the dead clients' segments to be swept")
+    host.wait_for(lambda status: status["daemons"][0]["state"] == "ready",
+                  what="the daemon to be idle")
+    assert left_behind(shm_dir) == []
+    assert host.client().call("probe", "add", a=2) == 2
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_broker_mid_call_leaves_no_segment(make_host, shm_dir, tmp_path):
+    host = shm_host(make_host, shm_dir, [daemon_yaml("probe")])
+    host.wait_ready("probe")
+    broker_pid = host.ps()["broker"]["pid"]
+    client = host.client(broker_timeout=60.0)
+    release = tmp_path / "release"
+    data = numpy.arange(THRESHOLD, dtype="<f8")
+    thread, outcome = call_in_thread(client, "echo_after", data=data, path=str(release))
+    host.wait_for(lambda status: status["daemons"][0]["state"] == "busy", what="the call")
+    os.kill(broker_pid, signal.SIGKILL)
+    host.wait_for(lambda status: status["broker"]["pid"] != broker_pid
+                  and status["daemons"][0]["state"] == "busy", what="a new broker")
+    release.touch()
+    thread.join(60)
+    assert not thread.is_alive()
+    # The daemon re-registered with the call, so its result (in shared memory) reached us.
+    assert "error" not in outcome, outcome
+    assert same(data, outcome["value"]) and owners({"v": outcome["value"]})["v"] == "mmap"
+    wait_until(lambda: left_behind(shm_dir) == [], "no segment left")
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_daemon_mid_call_leaves_no_segment(make_host, shm_dir, tmp_path):
+    host = shm_host(make_host, shm_dir, [daemon_yaml("probe")])
+    host.wait_ready("probe")
+    client = host.client()
+    pid = client.call("probe", "info")["pid"]
+    thread, outcome = call_in_thread(client, "echo_after", path=str(tmp_path / "never"),
+                                     data=numpy.ones(THRESHOLD * 2, numpy.uint8))
+    host.wait_for(lambda status: status["daemons"][0]["state"] == "busy", what="the call")
+    os.kill(pid, signal.SIGKILL)
+    thread.join(30)
+    assert not thread.is_alive()
+    assert isinstance(outcome.get("error"), modelhost.DaemonCrashed), outcome
+    assert not pid_alive(pid)
+    assert left_behind(shm_dir) == []
+    host.wait_ready("probe")
+    echoed = client.call("probe", "echo", data=numpy.ones(THRESHOLD, numpy.uint8))["data"]
+    assert owners({"v": echoed})["v"] == "mmap"
+    assert left_behind(shm_dir) == []
+
+
+@pytest.mark.slow
+def test_a_daemon_that_dies_right_after_writing_a_chunk_leaves_no_segment(make_host, shm_dir):
+    host = shm_host(make_host, shm_dir, [daemon_yaml("probe")])
+    host.wait_ready("probe")
+    client = host.client()
+    for _ in range(3):
+        chunks = []
+        with pytest.raises(modelhost.DaemonCrashed):
+            for chunk in client.stream("probe", "crash_after_chunk", size=THRESHOLD * 8):
+                chunks.append(chunk)
+        assert chunks in ([], [b"c" * THRESHOLD * 8])
+        # Sent or not, the chunk's segment is gone: mapped and unlinked, or found by the
+        # request's tag when the request ended without a result.
+        assert left_behind(shm_dir) == []
+        host.wait_ready("probe")
