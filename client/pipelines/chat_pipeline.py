@@ -1,0 +1,177 @@
+"""The per-turn pipeline of the voice chat: the language model's reply streamed and cut
+into sentences (_think), a TTS call per sentence with up to `lookahead` outstanding
+(_submit_speech, _speak), the audio handed to the sink in sentence order
+(_emit_speech), and each sentence's talking-head video (_render). It is a mixin of
+chat.AsyncChat (moved out of it unchanged, issue 13): its methods use the loop's
+client, configuration, output guard (_emit) and call records (_record, _ended).
+"""
+
+import asyncio
+
+from modelhost import ModelhostError
+
+from . import chat_io
+from .chat_turn import _END, INTERACTIVE
+from .llm import EchoReply, LLMError
+from .sentences import SentenceSplitter
+
+
+class _TurnPipeline(object):
+    """The LLM stream -> sentences -> TTS -> video steps of a turn (see the module docstring)."""
+
+    async def _respond(self, turn, text):
+        messages = [{"role": "system", "content": self.config.llm.system}] if \
+            self.config.llm.system and not isinstance(self._reply, EchoReply) else []
+        messages += self._history + [{"role": "user", "content": text}]
+        sentences = asyncio.Queue()
+        slots = asyncio.Queue()
+        video = asyncio.Queue() if self.config.video is not None else None
+        tasks = [turn.spawn(self._think(turn, messages, sentences)),
+                 turn.spawn(self._submit_speech(turn, sentences, slots)),
+                 turn.spawn(self._emit_speech(turn, slots, video))]
+        if video is not None:
+            tasks.append(turn.spawn(self._render(turn, video)))
+        await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+
+    async def _think(self, turn, messages, sentences):
+        """The LLM's reply, streamed, cut into sentences for _submit_speech."""
+        splitter = SentenceSplitter()
+        record = self._record(turn, "llm", getattr(self._reply, "model", None), None, None)
+        try:
+            async for delta in self._reply.stream(messages):
+                turn.mark("first_token")
+                turn.reply += delta
+                self._event("token", turn, text=delta)
+                for sentence in splitter.feed(delta):
+                    self._sentence(turn, sentence, sentences)
+            rest = splitter.flush()
+            if rest:
+                self._sentence(turn, rest, sentences)
+            record.model = getattr(self._reply, "model", None)
+            self._ended(turn, record, "ok")
+        except asyncio.CancelledError:
+            self._ended(turn, record, "cancelled")
+            raise
+        except LLMError as exc:
+            self._ended(turn, record, "error", exc)
+            turn.errors.append(str(exc))
+            rest = splitter.flush()
+            if rest:
+                self._sentence(turn, rest, sentences)
+        finally:
+            sentences.put_nowait(_END)
+
+    def _sentence(self, turn, text, sentences):
+        index = len(turn.sentences)
+        turn.sentences.append(text)
+        self._event("sentence", turn, index=index, text=text)
+        sentences.put_nowait((index, text))
+
+    async def _submit_speech(self, turn, sentences, slots):
+        """A TTS call per sentence as it comes, at most `lookahead` outstanding; each
+        sentence's chunks go to its own queue, queued in `slots` in sentence order."""
+        outstanding = asyncio.Semaphore(max(1, self.config.lookahead))
+        try:
+            while True:
+                item = await sentences.get()
+                if item is _END:
+                    break
+                index, text = item
+                await outstanding.acquire()
+                chunks = asyncio.Queue()
+                slots.put_nowait((index, chunks))
+                turn.spawn(self._speak(turn, index, text, chunks, outstanding))
+        finally:
+            slots.put_nowait(_END)
+
+    async def _speak(self, turn, index, text, chunks, outstanding):
+        tts = self.config.tts
+        arguments = dict(tts.options, text=text)
+        if self._voice is not None:
+            arguments["voice"] = self._voice
+        record = self._record(turn, "tts", tts.model, tts.method, index)
+        try:
+            stream = self._client.stream(tts.model, tts.method, priority=INTERACTIVE,
+                                         arguments=arguments)
+            try:
+                async for value in stream:
+                    chunks.put_nowait(chat_io.chunk_of(value))
+            finally:
+                await stream.aclose()
+            self._ended(turn, record, "ok")
+        except asyncio.CancelledError:
+            self._ended(turn, record, "cancelled")
+            raise
+        except (ModelhostError, ValueError, KeyError) as exc:
+            self._ended(turn, record, "error", exc)
+            turn.errors.append("speech for sentence {} ({!r}): {}".format(index, text, exc))
+        finally:
+            outstanding.release()
+            chunks.put_nowait(_END)
+
+    async def _emit_speech(self, turn, slots, video):
+        """Hand audio to the sink in sentence order, as it arrives; each sentence's whole
+        audio then goes to the talking head."""
+        try:
+            while True:
+                slot = await slots.get()
+                if slot is _END:
+                    break
+                index, chunks = slot
+                pcm, rate = bytearray(), None
+                while True:
+                    chunk = await chunks.get()
+                    if chunk is _END:
+                        break
+                    if not self._emit(turn, "audio", index, chunk):
+                        continue
+                    if rate is None:
+                        turn.spoken.append(turn.sentences[index])
+                    turn.mark("first_audio")
+                    rate = chunk.sample_rate
+                    pcm += chunk.pcm
+                    turn.audio_s += len(chunk.pcm) / 2.0 / chunk.sample_rate
+                if video is not None and pcm:
+                    video.put_nowait((index, chat_io.wav_bytes(pcm, rate)))
+        finally:
+            if video is not None:
+                video.put_nowait(_END)
+
+    async def _render(self, turn, video):
+        """Each sentence's video, one after another, its segments to the sink as they come."""
+        config = self.config.video
+        while True:
+            item = await video.get()
+            if item is _END:
+                return
+            index, wav = item
+            arguments = dict(config.options, audio=wav)
+            if config.chain_frames:
+                arguments["start_frame"] = self._next_frame
+            record = self._record(turn, "video", config.model, config.method, index)
+            frames = 0
+            try:
+                stream = self._client.stream(config.model, config.method, priority=INTERACTIVE,
+                                             arguments=arguments)
+                try:
+                    async for value in stream:
+                        frames = max(frames, int(value.get("frames") or 0))
+                        segment = chat_io.VideoSegment(bytes(value["data"]), value.get("kind"),
+                                                       value.get("index"))
+                        if self._emit(turn, "video", index, segment):
+                            turn.mark("first_video")
+                            turn.video_segments += 1
+                finally:
+                    await stream.aclose()
+                self._ended(turn, record, "ok")
+            except asyncio.CancelledError:
+                self._ended(turn, record, "cancelled")
+                raise
+            except (ModelhostError, ValueError, KeyError) as exc:
+                self._ended(turn, record, "error", exc)
+                turn.errors.append("video for sentence {}: {}".format(index, exc))
+            finally:
+                self._next_frame += frames
