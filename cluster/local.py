@@ -36,6 +36,7 @@ class LocalRayCluster:
         self.port = free_port()
         self.address = "127.0.0.1:{}".format(self.port)
         self.processes: list[subprocess.Popen] = []
+        self.by_name: dict[str, subprocess.Popen] = {}  # node -> its latest `ray start`
         self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
 
     def _start(self, name: str, args: list[str]) -> None:
@@ -44,10 +45,12 @@ class LocalRayCluster:
                    "--num-cpus", "1", "--num-gpus", "1", "--resources", json.dumps({name: 1}),
                    "--object-store-memory", "80000000", "--disable-usage-stats",
                    "--dashboard-agent-listen-port", str(free_port())] + args
-        self.processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                               stdin=subprocess.DEVNULL, env=self.env,
-                                               start_new_session=True))
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, env=self.env,
+                                   start_new_session=True)
         log.close()
+        self.processes.append(process)
+        self.by_name[name] = process
 
     def start(self, timeout: float = 120.0) -> "LocalRayCluster":
         self._start(self.nodes[0], ["--head", "--port", str(self.port), "--include-dashboard",
@@ -70,6 +73,17 @@ class LocalRayCluster:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the Ray head did not come up:\n" + self.logs())
                 time.sleep(0.2)
+
+    def stop_node(self, name: str) -> None:
+        """Stop one worker node, as when its machine leaves the cluster."""
+        process = self.by_name.pop(name)
+        self.processes.remove(process)
+        _stop([process])
+
+    def add_node(self, name: str, timeout: float = 120.0) -> None:
+        """Start a worker node (again): a new Ray node, with a new node id."""
+        self._start(name, ["--address", self.address])
+        self.wait_nodes(len(self.processes), timeout)
 
     def _check_alive(self) -> None:
         dead = [" ".join(p.args[:3]) for p in self.processes if p.poll() is not None]
@@ -96,16 +110,21 @@ class LocalRayCluster:
                          for path in sorted(self.dir.glob("*.log")))
 
     def stop(self) -> None:
-        for process in reversed(self.processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-        for process in reversed(self.processes):
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(process.pid, signal.SIGKILL)  # whatever of its group is left
-            except (ProcessLookupError, PermissionError):
-                pass
+        _stop(list(reversed(self.processes)))
+        self.processes, self.by_name = [], {}
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+    for process in processes:
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # whatever of its group is left
+        except (ProcessLookupError, PermissionError):
+            pass

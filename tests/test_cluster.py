@@ -141,6 +141,14 @@ def all_up(status):
         and len(rows_of(status, "probe")) == 2
 
 
+def open_gate(gate):
+    """Let the calls waiting for `gate` go: written whole, then renamed into place, so that
+    none reads it half-written."""
+    ready = gate.with_name(gate.name + ".tmp")
+    ready.write_text("open")
+    ready.replace(gate)
+
+
 def two_calls_at_once_run_on_both_nodes(cluster, gate_name):
     """Two calls of probe at once, each waiting for a file: both are running, one on each
     node, when the test looks (each probe runs one call at a time); then both end."""
@@ -156,7 +164,7 @@ def two_calls_at_once_run_on_both_nodes(cluster, gate_name):
         thread.start()
     cluster.wait_for(lambda s: all(row["running"] == 1 for row in rows_of(
         s, "probe").values()), timeout=60, what="a call running on each node")
-    gate.write_text("open")
+    open_gate(gate)
     for thread in threads:
         thread.join(60)
     assert served == ["open", "open"]
@@ -275,3 +283,57 @@ def test_a_node_lost_in_the_middle_of_a_load_ends_its_calls_and_comes_back(clust
             row["state"] == "ready" for row in rows_of(s, "probe").values()),
         timeout=120, what="the lost node back")
     two_calls_at_once_run_on_both_nodes(cluster, "gate-after-loss")
+
+
+@pytest.mark.slow
+def test_a_ray_node_that_leaves_ends_its_calls_and_one_that_joins_serves(cluster, ray_cluster):
+    """The worker node's Ray stops under a call (its machine leaving), then a new one joins."""
+    status = cluster.ps()
+    names = {node["node"]: node for node in status["nodes"]}
+    leaving = next(name for name, node in names.items() if "node_b" in node["labels"])
+    staying = next(name for name in names if name != leaving)
+    gate = cluster.dir / "gate-before-leaving"
+    outcomes = {}
+
+    def call(index):
+        with modelhost.Client(cluster.endpoint) as client:
+            try:
+                outcomes[index] = client.call("probe", "wait_for_file", path=str(gate),
+                                              timeout=120)
+            except modelhost.ModelhostError as exc:
+                outcomes[index] = exc
+
+    threads = [threading.Thread(target=call, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    cluster.wait_for(lambda s: all(row["running"] == 1 for row in rows_of(
+        s, "probe").values()), timeout=60, what="a call running on each node")
+    ray_cluster.stop_node("node_b")
+    status = cluster.wait_for(lambda s: any(
+        node["node"] == leaving and node["state"] == "lost" for node in s["nodes"]),
+        timeout=60, what="node_b lost")
+    assert next(node for node in status["nodes"] if node["node"] == leaving)["problem"]
+    open_gate(gate)
+    for thread in threads:
+        thread.join(60)
+    # The call on the node that left ended with daemon_crashed; the other one ran on.
+    assert sorted(type(o).__name__ if isinstance(o, Exception) else o
+                  for o in outcomes.values()) == ["DaemonCrashed", "open"], outcomes
+    crashed = next(o for o in outcomes.values() if isinstance(o, Exception))
+    assert crashed.details["node"] == leaving
+    with modelhost.Client(cluster.endpoint) as client:
+        assert client.call("probe", "info")["pid"] == rows_of(cluster.ps(), "probe")[
+            staying]["pid"]
+
+    # A node joins with node_b's label: a new Ray node (a new id), a new agent, the daemons
+    # that the loss left short.
+    ray_cluster.add_node("node_b")
+    status = cluster.wait_for(lambda s: any(
+        node["state"] == "up" and "node_b" in node["labels"] and node["node"] != leaving
+        for node in s["nodes"]) and len(rows_of(s, "probe")) == 2 and all(
+        row["state"] == "ready" for row in rows_of(s, "probe").values()),
+        timeout=120, what="a new node_b up")
+    joined = next(node for node in status["nodes"] if node["state"] == "up"
+                  and "node_b" in node["labels"])
+    assert joined["daemons"] == ["probe", "slow"]
+    two_calls_at_once_run_on_both_nodes(cluster, "gate-after-joining")
