@@ -116,8 +116,9 @@ class _Parser(HostSections, GatewaySections):
             self.error(1, "", "the configuration is empty; expected a mapping with a 'daemons' section")
             self._raise()
         # `chat:` is the chat loop's section (modelhost.pipelines.chat, `modelhost chat
-        # --config F`): a client's settings, checked by the chat itself, never read here.
-        top = self.mapping(root, "", ("broker", "daemons", "gateway", "chat"))
+        # --config F`): a client's settings, checked by the chat itself, never read here;
+        # `cluster:` the cluster mode's (modelhost.cluster.settings), likewise.
+        top = self.mapping(root, "", ("broker", "daemons", "gateway", "chat", "cluster"))
         if top is None:
             self._raise()
 

@@ -1,6 +1,6 @@
 """The `modelhost` command line: up, gateway, setup, install-systemd, logs, keys, ps, top, events,
 call, say, transcribe, load, unload, pin, unpin, the model verbs tts,
-text-to-audio, talking-head, and the pipeline audio-drama.
+text-to-audio, talking-head, the pipeline audio-drama, and cluster (modelhost.cluster).
 
 Client commands need only pyzmq and msgpack (the model verbs numpy, and
 soundfile to write audio; top the rich library). `up`, `setup` and
@@ -9,7 +9,8 @@ soundfile to write audio; top the rich library). `up`, `setup` and
 The commands live by kind, each module declaring its own arguments:
 _cli_host (up, setup, install-systemd, gateway, logs, keys), _cli_status (ps,
 events, top, load, unload, pin, unpin) and _cli_verbs (call, the model verbs, the
-pipelines); _cli_common has what they share, _format the sizes and durations.
+pipelines); _cli_common has what they share, _format the sizes and durations; the
+cluster mode's commands are modelhost.cluster.cli's.
 """
 
 import argparse
@@ -28,6 +29,9 @@ def build_parser():
     # In this order in the help: the host's commands, the broker's, the models'.
     for commands in (_cli_host, _cli_status, _cli_verbs):
         commands.add_commands(sub)
+    from modelhost.cluster import cli as cluster_cli  # declares arguments only: no Ray import
+
+    cluster_cli.add_commands(sub)
     return parser
 
 

@@ -62,6 +62,14 @@ CLIENT_LAZY_BROKER_IMPORTS = {
         "`modelhost install-systemd` renders the units",
     ("client/_logs.py", "modelhost.broker.config"):
         "`modelhost logs --config` finds that configuration's runtime dir",
+    # modelhost.cluster (cluster/) counts with the client: a client of the nodes' brokers
+    # that starts them, as `modelhost up` does (cluster/DESIGN.md).
+    ("cluster/cli.py", "modelhost.broker.config"):
+        "`modelhost cluster up` (and `cluster ps --config`) read the configuration",
+    ("cluster/node.py", "modelhost.broker.config"):
+        "a node agent derives its node's configuration, checked as its `modelhost up` reads it",
+    ("cluster/router.py", "modelhost.broker.broker"):
+        "the cluster router readies its ipc endpoint as a broker does (prepare_ipc)",
 }
 
 # Besides every module of modelhost.daemons (a daemon runs one of them, or an

@@ -16,3 +16,10 @@ class EchoEngine(Engine):
         while a call runs (its memory probe samples it) apart from any message."""
         time.sleep(seconds)
         return seconds
+
+    @operation
+    def chunks(self, ctx, n=10, size=0):
+        """n chunks of `size` bytes, streamed: bench/cluster.py's streaming row."""
+        for index in range(n):
+            yield bytes([index % 256]) * size
+        return n
