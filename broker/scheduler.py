@@ -357,6 +357,9 @@ class Scheduler:
             elif status in ("running", "starting", "pending") and daemon.state in (
                     DaemonState.STOPPED, DaemonState.FAILED, DaemonState.CRASHED):
                 transition(daemon, DaemonState.STARTING, Cause.SUPERVISOR)
+        # A report can make a waiting call startable: processes may be stopped
+        # again (can_stop), a daemon is starting, or queued calls were failed.
+        self.pump.run()
 
     def on_memory(self, reading: MemoryReading) -> None:
         """A fresh probe reading: peaks of running calls, idle footprints, then admission."""
