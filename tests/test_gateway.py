@@ -449,6 +449,11 @@ def test_the_first_chunk_arrives_while_the_synthesis_is_held(gw, gates):
         # The header and the whole first chunk are here; the stand-in still waits at
         # its gate, so its call has not ended.
         assert not released
+        # The stand-in sends its chunk, then notes that it waits at the gate: the note
+        # may come a moment after the chunk has reached us.
+        deadline = time.monotonic() + 20
+        while "waiting first-held" not in gates.events() and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert "waiting first-held" in gates.events()
         assert not any(line.startswith("end") for line in gates.events()
                        [gates.events().index("start wait-after:first-held hello"):])
