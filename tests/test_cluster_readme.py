@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,17 @@ def readme_block():
     return re.search(r"```bash\n(.*?)```", after, re.S).group(1)
 
 
-def ray_running():
-    out = subprocess.run(["ps", "-eo", "comm="], capture_output=True, text=True)
-    return any(name.strip() in ("raylet", "gcs_server") for name in out.stdout.splitlines())
+def ray_running(wait_s=0.0):
+    """Whether a Ray runs here; waiting up to wait_s for one that is stopping (the tests'
+    own clusters exit within seconds of their stop)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        out = subprocess.run(["ps", "-eo", "comm="], capture_output=True, text=True)
+        if not any(name.strip() in ("raylet", "gcs_server") for name in out.stdout.splitlines()):
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.5)
 
 
 def test_the_block_is_there_and_stops_what_it_starts():
@@ -41,7 +50,7 @@ def test_the_block_is_there_and_stops_what_it_starts():
 
 def test_the_readme_cluster_block_runs_as_written(tmp_path):
     pytest.importorskip("ray")
-    if ray_running():
+    if ray_running(wait_s=30.0):
         pytest.skip("another Ray runs on this machine; the block's `ray stop` would stop it")
     block = readme_block()
     runtime = Path(tempfile.mkdtemp(prefix="mh-", dir="/tmp"))
@@ -68,4 +77,4 @@ def test_the_readme_cluster_block_runs_as_written(tmp_path):
     said = next(index for index, line in enumerate(lines) if "of speech at 22050 Hz" in line)
     transcript = lines[said + 1].strip()  # what `modelhost transcribe` heard in it
     assert transcript and transcript.replace(" ", "").isalpha(), out.stdout
-    assert not ray_running()
+    assert not ray_running(wait_s=30.0)

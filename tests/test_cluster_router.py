@@ -3,10 +3,13 @@ existing AsyncClient at its endpoint, replies under the client's own ids, stream
 and a node whose agent dies under a call."""
 
 import asyncio
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
+import zmq
+import zmq.asyncio
 
 import modelhost
 from modelhost import protocol
@@ -124,7 +127,10 @@ def run_router():
                 await client.aclose()
                 serving.cancel()
                 await asyncio.gather(serving, return_exceptions=True)
-        return asyncio.run(main())
+        try:
+            return asyncio.run(main())
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
     return run
 
 
@@ -211,9 +217,15 @@ def test_a_call_waits_for_a_starting_node_and_ops_the_router_does_not_take(run_r
         with pytest.raises(modelhost.Timeout, match="came up within the request's timeout"):
             starting.state = NodeState.STARTING
             await client.call("echo", "x", timeout=0.5)
-        socket = client._socket  # a supervisor report: only a node's supervisor sends those
-        await socket.send_multipart(protocol.supervisor_message("s1", {}, "t"))
-        reply = protocol.decode(await socket.recv_multipart())[0]
+        # A supervisor report, on a socket of its own: only a node's supervisor sends those.
+        socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(router.endpoint)
+        try:
+            await socket.send_multipart(protocol.supervisor_message("s1", {}, "t"))
+            reply = protocol.decode(await socket.recv_multipart())[0]
+        finally:
+            socket.close()
         assert reply["kind"] == "error" and reply["code"] == "bad_message"
         assert "does not take 'supervisor'" in reply["message"]
     run_router([starting], test)
