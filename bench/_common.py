@@ -52,13 +52,14 @@ class UpHost(object):
         self.process = None
         self._log = None
         self.started_at = None
+        self.env = None  # the environment of `modelhost up` (None: this process's)
 
     def start(self):
         self._log = open(str(self.log_path), "wb")
         self.started_at = time.monotonic()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "modelhost.cli", "up", "--config", str(self.config),
-             "--no-setup"],
+             "--no-setup"], env=self.env,
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             # Its own session, so a Ctrl-C meant for the bench reaches it only
             # through stop(); SIGTERM (a clean stop) should the bench die outright.

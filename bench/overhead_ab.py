@@ -28,7 +28,6 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 import overhead  # noqa: E402
-from _common import die_with_parent  # noqa: E402
 
 SIZES = (("0 B", 0, 300), ("1 MiB", 2**20, 40))
 
@@ -56,15 +55,6 @@ class EnvHost(overhead.Host):
         overhead.UpHost.__init__(self, directory, ["max_payload: 64MiB",
                                                    "http: \"127.0.0.1:0\""], daemons)
         self.env = env
-
-    def start(self):
-        self._log = open(str(self.log_path), "wb")
-        self.started_at = time.monotonic()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "modelhost.cli", "up", "--config", str(self.config),
-             "--no-setup"], env=self.env,
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=die_with_parent)
 
 
 def main():
