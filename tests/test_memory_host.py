@@ -199,13 +199,16 @@ def test_interactive_calls_overtake_queued_batch_calls_and_batch_still_finishes(
         with lock:
             finished.append(tag)
 
-    threads = [threading.Thread(target=run, args=("batch0", "batch", 1.0))]
+    # Each step waits for the broker to show the one before it (not a sleep), so that a
+    # slow machine cannot reorder them: batch0 runs, three batch calls queue behind it,
+    # then the interactive call arrives while batch0 still runs.
+    threads = [threading.Thread(target=run, args=("batch0", "batch", 3.0))]
     threads[0].start()
-    time.sleep(0.3)  # the first batch call is running
+    host.wait_for(lambda status: host.daemon("a")["running"] == 1, what="batch0 running")
     for i in range(1, 4):
         threads.append(threading.Thread(target=run, args=("batch%d" % i, "batch", 0.2)))
         threads[-1].start()
-    time.sleep(0.3)
+    host.wait_for(lambda status: host.daemon("a")["queued"] == 3, what="three batch calls queued")
     threads.append(threading.Thread(target=run, args=("chat", "interactive", 0.0)))
     threads[-1].start()
     for thread in threads:
