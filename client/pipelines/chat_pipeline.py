@@ -94,11 +94,24 @@ class _TurnPipeline(object):
             arguments["voice"] = self._voice
         record = self._record(turn, "tts", tts.model, tts.method, index)
         try:
-            stream = self._client.stream(tts.model, tts.method, priority=INTERACTIVE,
+            await self._stream_call(
+                turn, record, arguments, lambda value: chunks.put_nowait(chat_io.chunk_of(value)),
+                "speech for sentence {} ({!r})".format(index, text))
+        finally:
+            outstanding.release()
+            chunks.put_nowait(_END)
+
+    async def _stream_call(self, turn, record, arguments, on_value, what):
+        """One streamed daemon call of the turn (the daemon and method its `record` names),
+        each value to `on_value`; its outcome goes to the call records. A failure is one of
+        the turn's errors, saying `what` failed, and ends only this call; cancellation
+        ends the turn's task."""
+        try:
+            stream = self._client.stream(record.model, record.method, priority=INTERACTIVE,
                                          arguments=arguments)
             try:
                 async for value in stream:
-                    chunks.put_nowait(chat_io.chunk_of(value))
+                    on_value(value)
             finally:
                 await stream.aclose()
             self._ended(turn, record, "ok")
@@ -107,10 +120,7 @@ class _TurnPipeline(object):
             raise
         except (ModelhostError, ValueError, KeyError) as exc:
             self._ended(turn, record, "error", exc)
-            turn.errors.append("speech for sentence {} ({!r}): {}".format(index, text, exc))
-        finally:
-            outstanding.release()
-            chunks.put_nowait(_END)
+            turn.errors.append("{}: {}".format(what, exc))
 
     async def _emit_speech(self, turn, slots, video):
         """Hand audio to the sink in sentence order, as it arrives; each sentence's whole
@@ -152,26 +162,18 @@ class _TurnPipeline(object):
             if config.chain_frames:
                 arguments["start_frame"] = self._next_frame
             record = self._record(turn, "video", config.model, config.method, index)
-            frames = 0
+            frames = [0]
+
+            def on_segment(value):
+                frames[0] = max(frames[0], int(value.get("frames") or 0))
+                segment = chat_io.VideoSegment(bytes(value["data"]), value.get("kind"),
+                                               value.get("index"))
+                if self._emit(turn, "video", index, segment):
+                    turn.mark("first_video")
+                    turn.video_segments += 1
+
             try:
-                stream = self._client.stream(config.model, config.method, priority=INTERACTIVE,
-                                             arguments=arguments)
-                try:
-                    async for value in stream:
-                        frames = max(frames, int(value.get("frames") or 0))
-                        segment = chat_io.VideoSegment(bytes(value["data"]), value.get("kind"),
-                                                       value.get("index"))
-                        if self._emit(turn, "video", index, segment):
-                            turn.mark("first_video")
-                            turn.video_segments += 1
-                finally:
-                    await stream.aclose()
-                self._ended(turn, record, "ok")
-            except asyncio.CancelledError:
-                self._ended(turn, record, "cancelled")
-                raise
-            except (ModelhostError, ValueError, KeyError) as exc:
-                self._ended(turn, record, "error", exc)
-                turn.errors.append("video for sentence {}: {}".format(index, exc))
+                await self._stream_call(turn, record, arguments, on_segment,
+                                        "video for sentence {}".format(index))
             finally:
-                self._next_frame += frames
+                self._next_frame += frames[0]
