@@ -35,9 +35,10 @@ only touches its socket between calls or under that lock.
 
 Runs on Python 3.7 with only pyzmq and msgpack.
 
-Its length (about 750 lines): the control loop, the slot threads and the lifecycle
+Its length (about 790 lines): the control loop, the slot threads and the lifecycle
 thread share one socket protocol and one set of locks; split, their invariants
 (who may touch which socket, when a kept reply is resent) would span modules.
+The argument check (_Signature, check_arguments) is the part that could leave.
 """
 
 import collections
