@@ -11,7 +11,8 @@ forwarder`, `python fwd+msgpack`), the order rotating each round, so drift hits
 all alike. Prints p50, p99 and mean per path and payload size, the CPU time per
 call of each process (the client, the middle: broker or hop, the far end:
 daemon or echo worker; from /proc), and the ratios this/base and each/proxy.
-Nothing asserts on timings.
+The client is this process, with this checkout's code, for both hosts: its
+this/base ratio is the run's noise, not a change. Nothing asserts on timings.
 """
 
 import os
