@@ -3,9 +3,13 @@
     python3 bench/overhead.py [--quick] [--skip-torch] [--json FILE]
 
 Part 1: round-trip latency (p50, p99) and sequential throughput for payloads
-of 0 B, 1 MiB and 16 MiB over ipc:// between separate processes, on four paths:
+of 0 B, 1 MiB and 16 MiB over ipc:// between separate processes, on six paths:
   direct             client DEALER <-> echo process ROUTER (raw pyzmq, copy=False);
   proxy              client DEALER -> zmq.proxy(ROUTER, DEALER) process -> echo worker;
+  python forwarder   the same hop done by a do-nothing pyzmq loop (poll, recv, send,
+                     copy=False): the floor of any broker written in Python;
+  python fwd+msgpack the same loop, which also unpacks and re-packs a small msgpack
+                     header frame per message, as a broker must;
   modelhost bytes    Client.call("echo", "echo", data=<bytes>) through a real
                      `modelhost up` (supervisor, broker, daemon);
   modelhost ndarray  the same with a numpy uint8 array (zero-copy on receipt).
@@ -47,7 +51,11 @@ MiB = 2**20
 SIZES = (("0 B", 0), ("1 MiB", MiB), ("16 MiB", 16 * MiB))
 # (full run, --quick) calls per path and payload size.
 ITERATIONS = {0: (2000, 200), MiB: (200, 30), 16 * MiB: (40, 10)}
-PATHS = ("direct", "proxy", "modelhost bytes", "modelhost ndarray")
+PATHS = ("direct", "proxy", "python forwarder", "python fwd+msgpack", "modelhost bytes",
+         "modelhost ndarray")
+# The header the msgpack forwarder's caller sends ahead of its payload: a call's size.
+FORWARDED_HEADER = msgpack.packb({"op": "call", "id": 1, "model": "echo", "method": "echo",
+                                  "priority": "normal", "stream": False, "v": 1})
 
 READY_TIMEOUT_S = 180.0
 REPLY_TIMEOUT_MS = 30000
@@ -59,6 +67,23 @@ def _echo_loop(socket):
     while True:
         frames = socket.recv_multipart(copy=False)
         socket.send_multipart(frames, copy=False)
+
+
+def _forward(frontend, backend, repack):
+    """What zmq.proxy does, in Python: the least a Python broker's loop does per message.
+
+    Both directions carry [routing id, frames...]; `repack` also decodes and
+    re-encodes frame 1, a msgpack header, as a broker that reads headers must.
+    """
+    poller = zmq.Poller()
+    poller.register(frontend, zmq.POLLIN)
+    poller.register(backend, zmq.POLLIN)
+    while True:
+        for socket, _ in poller.poll():
+            frames = socket.recv_multipart(copy=False)
+            if repack:
+                frames[1] = msgpack.packb(msgpack.unpackb(frames[1].bytes))
+            (backend if socket is frontend else frontend).send_multipart(frames, copy=False)
 
 
 def run_role(role, endpoints):
@@ -77,6 +102,12 @@ def run_role(role, endpoints):
         backend = context.socket(zmq.DEALER)
         backend.bind(endpoints[1])
         zmq.proxy(frontend, backend)
+    elif role in ("forwarder", "forwarder-msgpack"):
+        frontend = context.socket(zmq.ROUTER)
+        frontend.bind(endpoints[0])
+        backend = context.socket(zmq.DEALER)
+        backend.bind(endpoints[1])
+        _forward(frontend, backend, role == "forwarder-msgpack")
     elif role == "worker":
         # (b) behind the proxy: DEALER, echoes [identity, payload] back through it.
         socket = context.socket(zmq.DEALER)
@@ -179,6 +210,21 @@ def raw_caller(socket):
     return call
 
 
+def header_caller(socket):
+    """raw_caller for the msgpack forwarder: a header frame ahead of the payload."""
+    poller = zmq.Poller()
+    poller.register(socket, zmq.POLLIN)
+
+    def call(payload):
+        socket.send(FORWARDED_HEADER, zmq.SNDMORE)
+        socket.send(payload, copy=False)
+        if not poller.poll(REPLY_TIMEOUT_MS):
+            raise RuntimeError("no echo within {}s".format(REPLY_TIMEOUT_MS / 1000))
+        return socket.recv_multipart(copy=False)[-1]
+
+    return call
+
+
 def modelhost_caller(client):
     def call(payload):
         return client.call("echo", "echo", data=payload)
@@ -216,8 +262,8 @@ def part1(callers, processes, quick, rounds, log):
     for label, size in SIZES:
         # Random bytes, every page written: no zero-page shortcuts for any path.
         array = rng.integers(0, 256, size, dtype=numpy.uint8)
-        payloads = {"direct": array.tobytes(), "proxy": array.tobytes(),
-                    "modelhost bytes": array.tobytes(), "modelhost ndarray": array}
+        payloads = {path: array.tobytes() for path in PATHS}
+        payloads["modelhost ndarray"] = array
         total = ITERATIONS[size][1 if quick else 0]
         per_round = max(1, total // rounds)
         warmup = max(3, per_round // 4)
@@ -272,6 +318,10 @@ def part1_ratios(rows):
         add("{} / proxy p50 @ 0 B".format(variant), variant, "proxy", 0, 1.5)
     for variant in ("modelhost ndarray", "modelhost bytes"):
         add("{} / direct p50 @ 16 MiB".format(variant), variant, "direct", 16 * MiB, 1.3)
+    for variant in ("python forwarder", "python fwd+msgpack"):
+        add("{} / proxy p50 @ 0 B".format(variant), variant, "proxy", 0)
+    add("modelhost bytes / python fwd+msgpack p50 @ 0 B", "modelhost bytes",
+        "python fwd+msgpack", 0)
     for label, size in SIZES:
         add("proxy / direct p50 @ {}".format(label), "proxy", "direct", size)
     for label, size in SIZES[1:]:
@@ -456,6 +506,14 @@ def main(argv=None):
         helpers.append(start_helper("echo", direct_ep))
         helpers.append(start_helper("proxy", front_ep, back_ep))
         helpers.append(start_helper("worker", back_ep))
+        forwarders = {}
+        for path, role in (("python forwarder", "forwarder"),
+                           ("python fwd+msgpack", "forwarder-msgpack")):
+            front, back = ("ipc://{}/{}-{}.sock".format(directory, role, end)
+                           for end in ("front", "back"))
+            forwarders[path] = (start_helper(role, front, back), start_helper("worker", back),
+                                front)
+            helpers.extend(forwarders[path][:2])
         host = Host(directory, daemons)
         host.start()
         names = ["echo"] + (["torch"] if state_path else [])
@@ -466,7 +524,8 @@ def main(argv=None):
 
         context = zmq.Context()
         sockets = {}
-        for path, endpoint in (("direct", direct_ep), ("proxy", front_ep)):
+        for path, endpoint in [("direct", direct_ep), ("proxy", front_ep)] + [
+                (path, ends[2]) for path, ends in forwarders.items()]:
             socket = context.socket(zmq.DEALER)
             socket.setsockopt(zmq.LINGER, 0)
             socket.connect(endpoint)
@@ -477,9 +536,14 @@ def main(argv=None):
         echo_pid = next(row["pid"] for row in status["daemons"] if row["name"] == "echo")
         processes = {"direct": (None, helpers[0].pid),
                      "proxy": (helpers[1].pid, helpers[2].pid),
+                     "python forwarder": tuple(p.pid for p in forwarders["python forwarder"][:2]),
+                     "python fwd+msgpack": tuple(
+                         p.pid for p in forwarders["python fwd+msgpack"][:2]),
                      "modelhost bytes": (broker_pid, echo_pid),
                      "modelhost ndarray": (broker_pid, echo_pid)}
         callers = {"direct": raw_caller(sockets["direct"]), "proxy": raw_caller(sockets["proxy"]),
+                   "python forwarder": raw_caller(sockets["python forwarder"]),
+                   "python fwd+msgpack": header_caller(sockets["python fwd+msgpack"]),
                    "modelhost bytes": modelhost_caller(client),
                    "modelhost ndarray": modelhost_caller(client)}
 

@@ -674,7 +674,10 @@ class Broker:
         if isinstance(source, int):
             self._guarded("a daemon exit", lambda: self.on_pid_exit(source))
             return
-        handler = self.on_frontend if source is self.frontend else self.on_backend
+        if source is self.frontend:
+            handler, what = self.on_frontend, "a client message"
+        else:
+            handler, what = self.on_backend, "a daemon message"
         # The poll said readable, so the first receive cannot block; then EVENTS
         # rather than catching zmq.Again (an exception per wakeup is a
         # measurable cost). Bounded, so neither side can starve the other.
@@ -682,8 +685,10 @@ class Broker:
             frames = protocol.recv(source)
             # Each handler catches its own bugs with the message's kind in the
             # line; this is the last net (a failure before the kind is known).
-            self._guarded("a {} message".format(
-                "client" if source is self.frontend else "daemon"), lambda: handler(frames))
+            try:
+                handler(frames)
+            except Exception:
+                log.exception("internal error in %s; the broker goes on", what)
             if not protocol.readable(source):
                 return
 

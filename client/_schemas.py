@@ -124,16 +124,14 @@ def check(header, schemas, selector):
     the request."""
     name = header.get(selector)
     schema = schemas.get(name) if isinstance(name, str) else None
-    request_id = header.get("id")
-    details = {"id": request_id if is_request_id(request_id) else None}
     if schema is None:
         raise BadMessage("unknown {} {}; expected one of {}".format(
-            selector, shown(name), ", ".join(sorted(schemas))), details)
+            selector, shown(name), ", ".join(sorted(schemas))), _details(header))
     for field, spec in schema.items():
         if field not in header:
             if spec.required:
                 raise spec.error("a {} message needs `{}`: {}".format(
-                    name, field, spec.description), details)
+                    name, field, spec.description), _details(header))
             if spec.default is not NO_DEFAULT:
                 # A map or list of its own: a receiver may keep what it reads.
                 default = spec.default
@@ -141,5 +139,11 @@ def check(header, schemas, selector):
                     default, (dict, list)) else default
         elif not spec.accepts(header[field]):
             raise spec.error("`{}` of a {} message must be {}, not {}".format(
-                field, name, spec.description, shown(header[field])), details)
+                field, name, spec.description, shown(header[field])), _details(header))
     return header
+
+
+def _details(header):
+    # Built only for an error: check runs on every message, most of them fine.
+    request_id = header.get("id")
+    return {"id": request_id if is_request_id(request_id) else None}

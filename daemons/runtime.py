@@ -35,9 +35,10 @@ only touches its socket between calls or under that lock.
 
 Runs on Python 3.7 with only pyzmq and msgpack.
 
-Its length (about 750 lines): the control loop, the slot threads and the lifecycle
+Its length (about 790 lines): the control loop, the slot threads and the lifecycle
 thread share one socket protocol and one set of locks; split, their invariants
 (who may touch which socket, when a kept reply is resent) would span modules.
+The argument check (_Signature, check_arguments) is the part that could leave.
 """
 
 import collections
@@ -82,25 +83,60 @@ def import_engine(path):
         raise ImportError("module {} has no class {}".format(module_name, class_name))
 
 
-_SIGNATURES = {}  # operation function -> (signature, {argument: checked type})
+_SIGNATURES = {}  # operation function -> _Signature
 # Under `from __future__ import annotations` an annotation is its source text.
 _CHECKED_BY_NAME = {cls.__name__: cls for cls in _CHECKED_TYPES}
+_BY_KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
-def _signature_of(method):
-    # inspect.signature costs more than a small call itself: compute it once.
-    function = getattr(method, "__func__", method)
-    cached = _SIGNATURES.get(function)
-    if cached is None:
-        signature = inspect.signature(method)
-        checked = {}
+class _Signature(object):
+    """What check_arguments needs of an operation's signature, computed once.
+
+    inspect.signature costs more than a small call itself, and so does
+    Signature.bind: for the usual signature (ctx, then arguments by name),
+    `names` and `needed` decide the same as bind would, and bind runs only
+    to word the error of arguments that do not fit, or for a signature
+    (positional-only or *args after ctx) that the sets cannot describe.
+    """
+
+    __slots__ = ("signature", "checked", "names", "needed", "any_name", "first")
+
+    def __init__(self, method):
+        self.signature = signature = inspect.signature(method)
+        self.checked = {}  # argument -> its annotation among _CHECKED_TYPES
         for name, parameter in signature.parameters.items():
             annotation = parameter.annotation
             if isinstance(annotation, str):
                 annotation = _CHECKED_BY_NAME.get(annotation)
             if annotation in _CHECKED_TYPES:
-                checked[name] = annotation
-        cached = _SIGNATURES[function] = (signature, checked)
+                self.checked[name] = annotation
+        parameters = list(signature.parameters.values())
+        rest = parameters[1:]
+        self.first = parameters[0].name if parameters else None  # ctx's name
+        self.any_name = any(p.kind == p.VAR_KEYWORD for p in rest)  # **kwargs
+        if not parameters or parameters[0].kind not in (
+                inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) \
+                or any(p.kind not in _BY_KEYWORD + (p.VAR_KEYWORD,) for p in rest):
+            self.names = self.needed = None  # only bind can tell
+        else:
+            self.names = frozenset(p.name for p in rest if p.kind in _BY_KEYWORD)
+            self.needed = frozenset(p.name for p in rest
+                                    if p.kind in _BY_KEYWORD and p.default is p.empty)
+
+    def fits(self, arguments):
+        """Whether bind(ctx, **arguments) would succeed; None when only bind can tell."""
+        if self.names is None:
+            return None
+        keys = arguments.keys()
+        return self.needed <= keys and (keys <= self.names if not self.any_name
+                                        else self.first not in keys)
+
+
+def _signature_of(method):
+    function = getattr(method, "__func__", method)
+    cached = _SIGNATURES.get(function)
+    if cached is None:
+        cached = _SIGNATURES[function] = _Signature(method)
     return cached
 
 
@@ -108,13 +144,15 @@ def check_arguments(method, ctx, arguments):
     """Bind `arguments` to the operation's signature; BadArguments names what is wrong."""
     if not isinstance(arguments, dict):
         raise BadArguments("arguments must be a map of names to values")
-    signature, checked = _signature_of(method)
-    try:
-        signature.bind(ctx, **arguments)
-    except TypeError as exc:
-        accepted = [name for name in list(signature.parameters)[1:]]
-        raise BadArguments("{}: {} (accepted arguments: {})".format(
-            method.__name__, exc, ", ".join(accepted) or "none"))
+    cached = _signature_of(method)
+    signature, checked = cached.signature, cached.checked
+    if not cached.fits(arguments):
+        try:
+            signature.bind(ctx, **arguments)
+        except TypeError as exc:
+            accepted = [name for name in list(signature.parameters)[1:]]
+            raise BadArguments("{}: {} (accepted arguments: {})".format(
+                method.__name__, exc, ", ".join(accepted) or "none"))
     for name, expected in checked.items():
         if name not in arguments:
             continue
