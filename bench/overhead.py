@@ -3,14 +3,18 @@
     python3 bench/overhead.py [--quick] [--skip-torch] [--json FILE]
 
 Part 1: round-trip latency (p50, p99) and sequential throughput for payloads
-of 0 B, 1 MiB and 16 MiB over ipc:// between separate processes, on four paths:
+of 0 B, 1 MiB, 16 MiB and 256 MiB over ipc:// between separate processes, on five paths:
   direct             client DEALER <-> echo process ROUTER (raw pyzmq, copy=False);
   proxy              client DEALER -> zmq.proxy(ROUTER, DEALER) process -> echo worker;
   modelhost bytes    Client.call("echo", "echo", data=<bytes>) through a real
                      `modelhost up` (supervisor, broker, daemon);
-  modelhost ndarray  the same with a numpy uint8 array (zero-copy on receipt).
+  modelhost ndarray  the same with a numpy uint8 array (zero-copy on receipt); from
+                     1 MiB (broker.shm.threshold) in shared memory both ways;
+  ndarray frames     the same array through a second `modelhost up` with shared
+                     memory off (broker.shm.threshold: off): every byte in frames.
 The paths are interleaved in rounds so that drift on a noisy machine hits
-each alike.
+each alike. Received payloads of 1 MiB and more are read (a byte per page) on
+every path, so a mapping that was never touched is not taken for a transfer.
 
 Part 2: a subprocess per call (import torch, load ~0.5 GB of weights, one
 small forward) against the same forward in a warm daemon behind the same broker.
@@ -33,6 +37,7 @@ from pathlib import Path
 
 import msgpack
 import numpy
+import psutil
 import zmq
 
 import modelhost
@@ -44,10 +49,11 @@ HERE = Path(__file__).resolve().parent
 ENGINES = HERE / "engines"
 
 MiB = 2**20
-SIZES = (("0 B", 0), ("1 MiB", MiB), ("16 MiB", 16 * MiB))
+SIZES = (("0 B", 0), ("1 MiB", MiB), ("16 MiB", 16 * MiB), ("256 MiB", 256 * MiB))
 # (full run, --quick) calls per path and payload size.
-ITERATIONS = {0: (2000, 200), MiB: (200, 30), 16 * MiB: (40, 10)}
-PATHS = ("direct", "proxy", "modelhost bytes", "modelhost ndarray")
+ITERATIONS = {0: (2000, 200), MiB: (200, 30), 16 * MiB: (40, 10), 256 * MiB: (15, 4)}
+PATHS = ("direct", "proxy", "modelhost bytes", "modelhost ndarray", "ndarray frames")
+TOUCH_FROM = MiB  # received payloads this big are read, a byte per page
 
 READY_TIMEOUT_S = 180.0
 REPLY_TIMEOUT_MS = 30000
@@ -119,8 +125,9 @@ def daemon_yaml(name, engine, options=None, **settings):
 
 
 class Host(UpHost):
-    def __init__(self, directory, daemons):
-        super().__init__(directory, ["max_payload: 64MiB"], daemons)
+    def __init__(self, directory, daemons, extra=()):
+        super().__init__(directory, ["max_payload: 512MiB", "max_reply: 512MiB"] + list(extra),
+                         daemons)
 
     def wait_ready(self, names, timeout=READY_TIMEOUT_S):
         """{name: seconds from `modelhost up` to ready} once every daemon in names is ready."""
@@ -186,8 +193,15 @@ def modelhost_caller(client):
     return call
 
 
+def touch(received):
+    """Read one byte of every page of what a call returned (the bytes are the point)."""
+    data = received if isinstance(received, (bytes, numpy.ndarray)) else received.buffer
+    if len(data) >= TOUCH_FROM:
+        numpy.frombuffer(data, dtype=numpy.uint8)[::4096].sum()
+
+
 def check_echo(path, sent, received):
-    if path.startswith("modelhost"):
+    if not path.startswith(("direct", "proxy")):
         if isinstance(sent, numpy.ndarray):
             ok = isinstance(received, numpy.ndarray) and received.shape == sent.shape \
                 and numpy.array_equal(received, sent)
@@ -200,13 +214,26 @@ def check_echo(path, sent, received):
 
 
 def cpu_seconds(pid):
-    """User + system CPU time of all of a process's threads so far; None if unreadable."""
+    """CPU time of all of a process's threads so far; None if unreadable.
+
+    psutil lists the threads; each one's time on a CPU comes from its schedstat
+    (nanoseconds), or where that is missing from psutil's cpu_times (user + system,
+    clock ticks): a broker's share of a 256 MiB call is far below one tick.
+    """
     try:
-        with open("/proc/{}/stat".format(pid)) as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except OSError:
+        process = psutil.Process(pid)
+        threads = process.threads()
+        try:
+            total = 0
+            for thread in threads:
+                with open("/proc/{}/task/{}/schedstat".format(pid, thread.id)) as handle:
+                    total += int(handle.read().split()[0])
+            return total / 1e9
+        except (OSError, ValueError, IndexError):
+            times = process.cpu_times()
+            return times.user + times.system
+    except psutil.Error:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def part1(callers, processes, quick, rounds, log):
@@ -217,7 +244,8 @@ def part1(callers, processes, quick, rounds, log):
         # Random bytes, every page written: no zero-page shortcuts for any path.
         array = rng.integers(0, 256, size, dtype=numpy.uint8)
         payloads = {"direct": array.tobytes(), "proxy": array.tobytes(),
-                    "modelhost bytes": array.tobytes(), "modelhost ndarray": array}
+                    "modelhost bytes": array.tobytes(), "modelhost ndarray": array,
+                    "ndarray frames": array}
         total = ITERATIONS[size][1 if quick else 0]
         per_round = max(1, total // rounds)
         warmup = max(3, per_round // 4)
@@ -239,8 +267,11 @@ def part1(callers, processes, quick, rounds, log):
                 before = [cpu_seconds(pid) for pid in pids]
                 for _ in range(per_round):
                     t0 = clock()
-                    call(payload)
+                    received = call(payload)
+                    if size >= TOUCH_FROM:
+                        touch(received)
                     sink.append(clock() - t0)
+                    received = None
                 after = [cpu_seconds(pid) for pid in pids]
                 for index, (b, a) in enumerate(zip(before, after)):
                     if b is None or a is None or cpu[path][index] is None:
@@ -270,14 +301,42 @@ def part1_ratios(rows):
 
     for variant in ("modelhost bytes", "modelhost ndarray"):
         add("{} / proxy p50 @ 0 B".format(variant), variant, "proxy", 0, 1.5)
-    for variant in ("modelhost ndarray", "modelhost bytes"):
-        add("{} / direct p50 @ 16 MiB".format(variant), variant, "direct", 16 * MiB, 1.3)
+    for label, size in SIZES[2:]:
+        for variant in ("modelhost ndarray", "modelhost bytes"):
+            add("{} / direct p50 @ {}".format(variant, label), variant, "direct", size, 1.3)
+        add("ndarray frames / direct p50 @ {}".format(label), "ndarray frames", "direct", size)
     for label, size in SIZES:
         add("proxy / direct p50 @ {}".format(label), "proxy", "direct", size)
     for label, size in SIZES[1:]:
         add("modelhost ndarray / proxy p50 @ {}".format(label), "modelhost ndarray", "proxy",
             size)
     return ratios
+
+
+def broker_background(client, pid, seconds):
+    """The broker's CPU ms per second while a call runs that moves no payload (its memory
+    probe samples running calls every sample_s; heartbeats and the dashboard tick too)."""
+    before = cpu_seconds(pid)
+    client.call("echo", "sleep", seconds=seconds)
+    after = cpu_seconds(pid)
+    return None if before is None or after is None else (after - before) / seconds * 1e3
+
+
+def broker_cpu(rows, background):
+    """Per path and size, the broker's CPU ms per call, and that less what it spends per
+    second of a running call anyway (`background`, ms/s): the part a message costs."""
+    lines = []
+    for path in ("modelhost ndarray", "ndarray frames"):
+        cells = []
+        for row in (r for r in rows if r["path"] == path):
+            if row["cpu_middle_ms"] is None:
+                break
+            cells.append("{} {:.3f} ms ({:.3f})".format(
+                row["payload"], row["cpu_middle_ms"],
+                row["cpu_middle_ms"] - (background.get(path) or 0.0) * row["mean_ms"] / 1e3))
+        else:
+            lines.append("{}: {}".format(path, ", ".join(cells)))
+    return lines
 
 
 # --- Part 2 ------------------------------------------------------------------------
@@ -438,6 +497,7 @@ def main(argv=None):
     skip_reason = "--skip-torch" if args.skip_torch else torch_problem()
     directory = Path(tempfile.mkdtemp(prefix="mhb-", dir="/tmp"))
     helpers, host, context, client = [], None, None, None
+    frames_host, frames_client = None, None
     try:
         state_path = None
         daemons = [daemon_yaml("echo", "echo_engine:EchoEngine", max_queue=4)]
@@ -458,8 +518,12 @@ def main(argv=None):
         helpers.append(start_helper("worker", back_ep))
         host = Host(directory, daemons)
         host.start()
+        # The same echo daemon behind a broker with shared memory off: frames only.
+        frames_host = Host(directory / "frames", daemons[:1], ["shm: {threshold: off}"])
+        frames_host.start()
         names = ["echo"] + (["torch"] if state_path else [])
         ready_after = host.wait_ready(names)
+        frames_host.wait_ready(["echo"])
         report["ready_after_s"] = ready_after
         log("modelhost up: {}".format(", ".join(
             "{} ready after {:.1f}s".format(n, s) for n, s in ready_after.items())))
@@ -472,21 +536,32 @@ def main(argv=None):
             socket.connect(endpoint)
             sockets[path] = socket
         client = modelhost.Client(host.endpoint)
-        status = client.ps()
-        broker_pid = status["broker"]["pid"]
-        echo_pid = next(row["pid"] for row in status["daemons"] if row["name"] == "echo")
+        frames_client = modelhost.Client(frames_host.endpoint)
+        pids = {}
+        for name, where in (("shm", client), ("frames", frames_client)):
+            status = where.ps()
+            pids[name] = (status["broker"]["pid"], next(
+                row["pid"] for row in status["daemons"] if row["name"] == "echo"))
+        report["shm"] = client.ps()["broker"].get("shm")
         processes = {"direct": (None, helpers[0].pid),
                      "proxy": (helpers[1].pid, helpers[2].pid),
-                     "modelhost bytes": (broker_pid, echo_pid),
-                     "modelhost ndarray": (broker_pid, echo_pid)}
+                     "modelhost bytes": pids["shm"],
+                     "modelhost ndarray": pids["shm"],
+                     "ndarray frames": pids["frames"]}
         callers = {"direct": raw_caller(sockets["direct"]), "proxy": raw_caller(sockets["proxy"]),
                    "modelhost bytes": modelhost_caller(client),
-                   "modelhost ndarray": modelhost_caller(client)}
+                   "modelhost ndarray": modelhost_caller(client),
+                   "ndarray frames": modelhost_caller(frames_client)}
 
         log("Part 1: round trips over ipc://")
         rows = part1(callers, processes, args.quick, rounds, log)
         report["part1"] = rows
         report["part1_ratios"] = part1_ratios(rows)
+        seconds = 1.0 if args.quick else 4.0
+        report["broker_background_ms_per_s"] = {
+            path: broker_background(where, pids[name][0], seconds)
+            for path, name, where in (("modelhost ndarray", "shm", client),
+                                      ("ndarray frames", "frames", frames_client))}
 
         if skip_reason is None:
             log("Part 2: subprocess per call vs warm daemon")
@@ -495,12 +570,14 @@ def main(argv=None):
             report["part2"] = None
             report["part2_skipped"] = skip_reason
     finally:
-        if client is not None:
-            client.close()
+        for open_client in (client, frames_client):
+            if open_client is not None:
+                open_client.close()
         if context is not None:
             context.destroy(linger=0)
-        if host is not None:
-            host.stop()
+        for up in (host, frames_host):
+            if up is not None:
+                up.stop()
         for helper in helpers:
             stop_process(helper)
         shutil.rmtree(str(directory), ignore_errors=True)
@@ -518,9 +595,18 @@ def main(argv=None):
           .format(rounds))
     print(format_part1(report["part1"]))
     print("")
-    print("CPU ms per call by process (user+sys, all threads; /proc clock ticks, so +-{:.0f} ms "
-          "per path and size in total):".format(1e3 / os.sysconf("SC_CLK_TCK")))
+    print("CPU ms per call by process (all threads, from each thread's schedstat):")
     print(format_cpu(report["part1"]))
+    print("")
+    shm = report.get("shm") or {}
+    background = report["broker_background_ms_per_s"]
+    print("broker CPU ms per call (shared memory from {} bytes in {}); in parentheses less "
+          "what the broker spends per second of a running call anyway ({}):".format(
+              shm.get("threshold"), shm.get("dir"), ", ".join(
+                  "{} {:.1f} ms/s".format(path, ms) for path, ms in background.items()
+                  if ms is not None)))
+    for line in broker_cpu(report["part1"], background):
+        print("  " + line)
     print("")
     print("ratios:")
     for ratio in report["part1_ratios"]:
