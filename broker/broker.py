@@ -590,8 +590,10 @@ class Broker:
     def on_pid_exit(self, fd: int) -> None:
         name = self.pidfds[fd]
         self._unwatch(fd)
-        self.scheduler.on_daemon_lost(name, "the process exited")
+        # Sweep first: by the time its callers hear of the crash, what the daemon
+        # had in shared memory (its pooled files, a result it never sent) is gone.
         self._guarded("the shared-memory sweep", self._sweep)
+        self.scheduler.on_daemon_lost(name, "the process exited")
 
     # --- shared memory --------------------------------------------------------
 

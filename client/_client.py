@@ -266,11 +266,16 @@ class Client(BaseClient, ModelCalls):
                 raise protocol.reply_error(header)
             # progress (or anything else) before the answer: nothing to show here
 
-    def _forget(self, request_id, result=False):
-        """The request is over (`result`: with its result): drop what is left of it."""
+    def _forget(self, request_id, result=False, reading=None):
+        """The request is over (`result`: with its result): drop what is left of it.
+
+        `reading`: the header of its terminal reply, which the caller maps after this;
+        a second copy of that reply (a daemon resends its last results to a broker
+        that restarted) names the same segments, which must stay for the first.
+        """
         self._outstanding.discard(request_id)
         for header, _ in self._mailbox.pop(request_id, ()):
-            self._shm.discard(header)
+            self._shm.discard(header, keep=reading)
         self._shm.finish(request_id, result)
 
     def _replies(self, request_id, deadline, grace=m.TIMEOUT_GRACE_S):
@@ -281,7 +286,7 @@ class Client(BaseClient, ModelCalls):
                 if box:
                     header, payloads = box.popleft()
                     if header["kind"] in protocol.TERMINAL_KINDS:
-                        self._forget(request_id, header["kind"] == protocol.RESULT)
+                        self._forget(request_id, header["kind"] == protocol.RESULT, header)
                     yield header, payloads
                     if header["kind"] in protocol.TERMINAL_KINDS:
                         return

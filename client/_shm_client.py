@@ -122,18 +122,27 @@ class ClientSegments(object):
         if tag is not None and not result:
             unlink_listed(self.segments.directory, made_for(self.segments.directory, tag))
 
-    def discard(self, header):
-        """A reply nobody waits for: unlink the segments it brought."""
-        shm = header.get("shm")
-        if self.segments is not None and isinstance(shm, dict) and isinstance(
-                shm.get("segments"), list):
-            unlink_listed(self.segments.directory, shm["segments"])
+    def discard(self, header, keep=None):
+        """A reply nobody waits for: unlink the segments it brought, but none that the
+        reply `keep` (being read) lists too: a copy of a reply names the same segments."""
+        names = _listed(header)
+        if self.segments is not None and names:
+            kept = set(_listed(keep)) if keep is not None else ()
+            unlink_listed(self.segments.directory, [name for name in names if name not in kept])
 
     def close(self):
         for request_id in list(self.requests):
             self.finish(request_id, False)
         if self.segments is not None:
             self.segments.trim()
+
+
+def _listed(header):
+    """The segment names a reply's header lists (none for a malformed list)."""
+    shm = header.get("shm")
+    if isinstance(shm, dict) and isinstance(shm.get("segments"), list):
+        return shm["segments"]
+    return []
 
 
 _done_once = set()

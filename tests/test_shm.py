@@ -24,6 +24,7 @@ from pathlib import Path
 import msgpack
 import numpy
 import pytest
+import zmq
 
 import modelhost
 from conftest import ROOT, daemon_yaml, pid_alive
@@ -416,6 +417,37 @@ def test_a_request_that_ends_without_its_result_takes_its_segments_along(tmp_pat
     client.discard({"shm": {"segments": messages_in(tmp_path)}})
     assert messages_in(tmp_path) == []
 
+
+
+def test_a_second_copy_of_a_result_leaves_the_first_its_segment(shm_dir, tmp_path):
+    """A daemon resends its last results to a broker that restarted, so a client may
+    have two copies of one result (same segment) before it reads either: dropping the
+    second must not unlink what the first is about to map."""
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)  # stands in for the broker, on real sockets
+    endpoint = "ipc://{}/frontend.sock".format(tmp_path)
+    router.bind(endpoint)
+    try:
+        with modelhost.Client(endpoint) as client:
+            stream = client.stream("probe", "echo", timeout=30)  # sent; nothing read yet
+            frames = router.recv_multipart()
+            header, _ = protocol.decode(frames[1:])
+            offer = header["shm"]
+            daemon = _shm.Segments(str(shm_dir), threshold=THRESHOLD)
+            data = numpy.arange(THRESHOLD, dtype="<f8")
+            reply = protocol.result_reply(header["id"], data, None, None,
+                                          daemon.writer(offer["owner"], offer["tag"]))
+            assert "shm" in protocol.decode_header(reply[0])
+            for _ in range(2):
+                router.send_multipart([frames[0]] + reply)
+            wait_until(lambda: client._socket.poll(0), "the copies to arrive")
+            time.sleep(0.2)  # both in the client's queue, so one drain takes both
+            with pytest.raises(StopIteration):
+                next(stream)
+            assert same(data, stream.result)
+        assert left_behind(shm_dir) == []
+    finally:
+        context.destroy(linger=0)
 
 def test_endpoints_on_this_host():
     for endpoint in ("ipc:///run/x.sock", "tcp://127.0.0.1:5555", "tcp://localhost:1",
