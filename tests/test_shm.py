@@ -771,6 +771,10 @@ def test_kill_9_of_the_daemon_mid_call_leaves_no_segment(make_host, shm_dir, tmp
     host.wait_ready("probe")
     client = host.client()
     pid = client.call("probe", "info")["pid"]
+    # A large result first, so that the daemon holds a pooled segment file when it dies.
+    client.call("probe", "echo", data=numpy.ones(THRESHOLD, numpy.uint8))
+    assert any(is_pool_file(name) and _shm.owner_of(name).startswith("{}.".format(pid))
+               for name in segments_in(shm_dir))
     thread, outcome = call_in_thread(client, "echo_after", path=str(tmp_path / "never"),
                                      data=numpy.ones(THRESHOLD * 2, numpy.uint8))
     host.wait_for(lambda status: status["daemons"][0]["state"] == "busy", what="the call")
