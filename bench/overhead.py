@@ -313,29 +313,57 @@ def part1_ratios(rows):
     return ratios
 
 
-def broker_background(client, pid, seconds):
-    """The broker's CPU ms per second while a call runs that moves no payload (its memory
-    probe samples running calls every sample_s; heartbeats and the dashboard tick too)."""
-    before = cpu_seconds(pid)
-    client.call("echo", "sleep", seconds=seconds)
-    after = cpu_seconds(pid)
-    return None if before is None or after is None else (after - before) / seconds * 1e3
+# (full run, --quick) pairs of calls per payload size in broker_same_length.
+SAME_LENGTH_PAIRS = {0: (300, 50), MiB: (100, 20), 16 * MiB: (40, 8), 256 * MiB: (20, 3)}
 
 
-def broker_cpu(rows, background):
-    """Per path and size, the broker's CPU ms per call, and that less what it spends per
-    second of a running call anyway (`background`, ms/s): the part a message costs."""
+def broker_same_length(call, client, pid, quick):
+    """Per payload size: the broker's CPU ms per array call (`call`), and per echo `sleep`
+    call as long with no payload, in pairs (one of each, interleaved).
+
+    A broker also spends CPU per second while a call runs (the memory probe samples
+    running calls every memory.sample_s; heartbeats, the supervisor's reports and the
+    footprint store come every second), so a 256 MiB call, which lasts longer, costs
+    it more than a 0 B one even where it never touches the bytes. A call that moves
+    nothing and lasts as long costs it that too: what the array call costs beyond it
+    is its payload's part.
+    """
+    rng = numpy.random.default_rng(1)
+    found = {}
+    empty_s = None  # how long a 0 B call lasts: a sleep call's messages take that too
+    for label, size in SIZES:
+        array = rng.integers(0, 256, size, dtype=numpy.uint8)
+        spent, pairs = [0.0, 0.0], SAME_LENGTH_PAIRS[size][1 if quick else 0]
+        took = []
+        for _ in range(pairs):
+            t0, before = time.perf_counter(), cpu_seconds(pid)
+            received = call(array)
+            if size >= TOUCH_FROM:
+                touch(received)
+            received = None
+            middle, t1 = cpu_seconds(pid), time.perf_counter()
+            client.call("echo", "sleep", seconds=max(0.0, t1 - t0 - (empty_s or 0.0)))
+            after = cpu_seconds(pid)
+            if None in (before, middle, after):
+                return None
+            spent[0] += middle - before
+            spent[1] += after - middle
+            took.append(t1 - t0)
+        if empty_s is None:
+            empty_s = sorted(took)[len(took) // 2]
+        found[label] = (spent[0] / pairs * 1e3, spent[1] / pairs * 1e3)
+    return found
+
+
+def broker_cpu(same_length):
+    """Per path and size: the broker's CPU ms per call, per payload-free call as long, and
+    the difference (the payload's part); `same_length`: path -> broker_same_length's."""
     lines = []
-    for path in ("modelhost ndarray", "ndarray frames"):
-        cells = []
-        for row in (r for r in rows if r["path"] == path):
-            if row["cpu_middle_ms"] is None:
-                break
-            cells.append("{} {:.3f} ms ({:.3f})".format(
-                row["payload"], row["cpu_middle_ms"],
-                row["cpu_middle_ms"] - (background.get(path) or 0.0) * row["mean_ms"] / 1e3))
-        else:
-            lines.append("{}: {}".format(path, ", ".join(cells)))
+    for path, found in same_length.items():
+        if found:
+            lines.append("{}: {}".format(path, ", ".join(
+                "{} {:.3f} vs {:.3f} ({:+.3f})".format(label, ms, idle, ms - idle)
+                for label, (ms, idle) in found.items())))
     return lines
 
 
@@ -557,9 +585,9 @@ def main(argv=None):
         rows = part1(callers, processes, args.quick, rounds, log)
         report["part1"] = rows
         report["part1_ratios"] = part1_ratios(rows)
-        seconds = 1.0 if args.quick else 4.0
-        report["broker_background_ms_per_s"] = {
-            path: broker_background(where, pids[name][0], seconds)
+        log("the broker's CPU per array call against payload-free calls as long")
+        report["broker_same_length_ms"] = {
+            path: broker_same_length(callers[path], where, pids[name][0], args.quick)
             for path, name, where in (("modelhost ndarray", "shm", client),
                                       ("ndarray frames", "frames", frames_client))}
 
@@ -599,13 +627,10 @@ def main(argv=None):
     print(format_cpu(report["part1"]))
     print("")
     shm = report.get("shm") or {}
-    background = report["broker_background_ms_per_s"]
-    print("broker CPU ms per call (shared memory from {} bytes in {}); in parentheses less "
-          "what the broker spends per second of a running call anyway ({}):".format(
-              shm.get("threshold"), shm.get("dir"), ", ".join(
-                  "{} {:.1f} ms/s".format(path, ms) for path, ms in background.items()
-                  if ms is not None)))
-    for line in broker_cpu(report["part1"], background):
+    print("broker CPU ms per array call (shared memory from {} bytes in {}) vs per echo "
+          "`sleep` call as long with no payload, interleaved in pairs (the difference: what "
+          "the payload costs the broker):".format(shm.get("threshold"), shm.get("dir")))
+    for line in broker_cpu(report["broker_same_length_ms"]):
         print("  " + line)
     print("")
     print("ratios:")

@@ -12,8 +12,8 @@ class EchoEngine(Engine):
 
     @operation
     def sleep(self, ctx, seconds: float = 1.0):
-        """A call that runs `seconds` and moves nothing: what the broker spends per second
-        while a call runs (its memory probe samples it) apart from any message."""
+        """A call that runs `seconds` and moves nothing: bench/overhead.py sets the broker's
+        CPU for one as long as an array call against that call's."""
         time.sleep(seconds)
         return seconds
 
