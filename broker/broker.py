@@ -7,7 +7,7 @@ never copied. Nothing here blocks on a daemon, and no input can kill the loop:
 a bad message is answered with an error where a reply is possible and logged
 where not.
 
-Its length (about 720 lines): the one poll loop and the scheduler's effects are one
+Its length (about 780 lines): the one poll loop and the scheduler's effects are one
 concept, the only code that touches the broker's sockets; the decisions are in the
 scheduler modules and the wire in modelhost.protocol, so what is left here is the
 routing of each message kind, which reads best in one place.
