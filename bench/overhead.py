@@ -3,7 +3,8 @@
     python3 bench/overhead.py [--quick] [--skip-torch] [--json FILE]
 
 Part 1: round-trip latency (p50, p99) and sequential throughput for payloads
-of 0 B, 1 MiB and 16 MiB over ipc:// between separate processes, on six paths:
+of 0 B, 1 MiB, 16 MiB and 256 MiB over ipc:// between separate processes, on seven
+paths:
   direct             client DEALER <-> echo process ROUTER (raw pyzmq, copy=False);
   proxy              client DEALER -> zmq.proxy(ROUTER, DEALER) process -> echo worker;
   python forwarder   the same hop done by a do-nothing pyzmq loop (poll, recv, send,
@@ -12,9 +13,13 @@ of 0 B, 1 MiB and 16 MiB over ipc:// between separate processes, on six paths:
                      header frame per message, as a broker must;
   modelhost bytes    Client.call("echo", "echo", data=<bytes>) through a real
                      `modelhost up` (supervisor, broker, daemon);
-  modelhost ndarray  the same with a numpy uint8 array (zero-copy on receipt).
+  modelhost ndarray  the same with a numpy uint8 array (zero-copy on receipt); from
+                     1 MiB (broker.shm.threshold) in shared memory both ways;
+  ndarray frames     the same array through a second `modelhost up` with shared
+                     memory off (broker.shm.threshold: off): every byte in frames.
 The paths are interleaved in rounds so that drift on a noisy machine hits
-each alike.
+each alike. Received payloads of 1 MiB and more are read (a byte per page) on
+every path, so a mapping that was never touched is not taken for a transfer.
 
 Part 2: a subprocess per call (import torch, load ~0.5 GB of weights, one
 small forward) against the same forward in a warm daemon behind the same broker.
@@ -37,6 +42,7 @@ from pathlib import Path
 
 import msgpack
 import numpy
+import psutil
 import zmq
 
 import modelhost
@@ -48,14 +54,16 @@ HERE = Path(__file__).resolve().parent
 ENGINES = HERE / "engines"
 
 MiB = 2**20
-SIZES = (("0 B", 0), ("1 MiB", MiB), ("16 MiB", 16 * MiB))
+SIZES = (("0 B", 0), ("1 MiB", MiB), ("16 MiB", 16 * MiB), ("256 MiB", 256 * MiB))
 # (full run, --quick) calls per path and payload size.
-ITERATIONS = {0: (2000, 200), MiB: (200, 30), 16 * MiB: (40, 10)}
+ITERATIONS = {0: (2000, 200), MiB: (200, 30), 16 * MiB: (40, 10), 256 * MiB: (15, 4)}
 PATHS = ("direct", "proxy", "python forwarder", "python fwd+msgpack", "modelhost bytes",
-         "modelhost ndarray")
+         "modelhost ndarray", "ndarray frames")
 # The header the msgpack forwarder's caller sends ahead of its payload: a call's size.
 FORWARDED_HEADER = msgpack.packb({"op": "call", "id": 1, "model": "echo", "method": "echo",
                                   "priority": "normal", "stream": False, "v": 1})
+RAW_PATHS = PATHS[:4]  # raw pyzmq, their echo a zmq.Frame
+TOUCH_FROM = MiB  # received payloads this big are read, a byte per page
 
 READY_TIMEOUT_S = 180.0
 REPLY_TIMEOUT_MS = 30000
@@ -150,8 +158,9 @@ def daemon_yaml(name, engine, options=None, **settings):
 
 
 class Host(UpHost):
-    def __init__(self, directory, daemons):
-        super().__init__(directory, ["max_payload: 64MiB"], daemons)
+    def __init__(self, directory, daemons, extra=()):
+        super().__init__(directory, ["max_payload: 512MiB", "max_reply: 512MiB"] + list(extra),
+                         daemons)
 
     def wait_ready(self, names, timeout=READY_TIMEOUT_S):
         """{name: seconds from `modelhost up` to ready} once every daemon in names is ready."""
@@ -232,8 +241,15 @@ def modelhost_caller(client):
     return call
 
 
+def touch(received):
+    """Read one byte of every page of what a call returned (the bytes are the point)."""
+    data = received if isinstance(received, (bytes, numpy.ndarray)) else received.buffer
+    if len(data) >= TOUCH_FROM:
+        numpy.frombuffer(data, dtype=numpy.uint8)[::4096].sum()
+
+
 def check_echo(path, sent, received):
-    if path.startswith("modelhost"):
+    if path not in RAW_PATHS:
         if isinstance(sent, numpy.ndarray):
             ok = isinstance(received, numpy.ndarray) and received.shape == sent.shape \
                 and numpy.array_equal(received, sent)
@@ -246,13 +262,26 @@ def check_echo(path, sent, received):
 
 
 def cpu_seconds(pid):
-    """User + system CPU time of all of a process's threads so far; None if unreadable."""
+    """CPU time of all of a process's threads so far; None if unreadable.
+
+    psutil lists the threads; each one's time on a CPU comes from its schedstat
+    (nanoseconds), or where that is missing from psutil's cpu_times (user + system,
+    clock ticks): a broker's share of a 256 MiB call is far below one tick.
+    """
     try:
-        with open("/proc/{}/stat".format(pid)) as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except OSError:
+        process = psutil.Process(pid)
+        threads = process.threads()
+        try:
+            total = 0
+            for thread in threads:
+                with open("/proc/{}/task/{}/schedstat".format(pid, thread.id)) as handle:
+                    total += int(handle.read().split()[0])
+            return total / 1e9
+        except (OSError, ValueError, IndexError):
+            times = process.cpu_times()
+            return times.user + times.system
+    except psutil.Error:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def part1(callers, processes, quick, rounds, log):
@@ -263,7 +292,7 @@ def part1(callers, processes, quick, rounds, log):
         # Random bytes, every page written: no zero-page shortcuts for any path.
         array = rng.integers(0, 256, size, dtype=numpy.uint8)
         payloads = {path: array.tobytes() for path in PATHS}
-        payloads["modelhost ndarray"] = array
+        payloads["modelhost ndarray"] = payloads["ndarray frames"] = array
         total = ITERATIONS[size][1 if quick else 0]
         per_round = max(1, total // rounds)
         warmup = max(3, per_round // 4)
@@ -285,8 +314,11 @@ def part1(callers, processes, quick, rounds, log):
                 before = [cpu_seconds(pid) for pid in pids]
                 for _ in range(per_round):
                     t0 = clock()
-                    call(payload)
+                    received = call(payload)
+                    if size >= TOUCH_FROM:
+                        touch(received)
                     sink.append(clock() - t0)
+                    received = None
                 after = [cpu_seconds(pid) for pid in pids]
                 for index, (b, a) in enumerate(zip(before, after)):
                     if b is None or a is None or cpu[path][index] is None:
@@ -316,8 +348,10 @@ def part1_ratios(rows):
 
     for variant in ("modelhost bytes", "modelhost ndarray"):
         add("{} / proxy p50 @ 0 B".format(variant), variant, "proxy", 0, 1.5)
-    for variant in ("modelhost ndarray", "modelhost bytes"):
-        add("{} / direct p50 @ 16 MiB".format(variant), variant, "direct", 16 * MiB, 1.3)
+    for label, size in SIZES[2:]:
+        for variant in ("modelhost ndarray", "modelhost bytes"):
+            add("{} / direct p50 @ {}".format(variant, label), variant, "direct", size, 1.3)
+        add("ndarray frames / direct p50 @ {}".format(label), "ndarray frames", "direct", size)
     for variant in ("python forwarder", "python fwd+msgpack"):
         add("{} / proxy p50 @ 0 B".format(variant), variant, "proxy", 0)
     add("modelhost bytes / python fwd+msgpack p50 @ 0 B", "modelhost bytes",
@@ -328,6 +362,60 @@ def part1_ratios(rows):
         add("modelhost ndarray / proxy p50 @ {}".format(label), "modelhost ndarray", "proxy",
             size)
     return ratios
+
+
+# (full run, --quick) pairs of calls per payload size in broker_same_length.
+SAME_LENGTH_PAIRS = {0: (300, 50), MiB: (100, 20), 16 * MiB: (40, 8), 256 * MiB: (20, 3)}
+
+
+def broker_same_length(call, client, pid, quick):
+    """Per payload size: the broker's CPU ms per array call (`call`), and per echo `sleep`
+    call as long with no payload, in pairs (one of each, interleaved).
+
+    A broker also spends CPU per second while a call runs (the memory probe samples
+    running calls every memory.sample_s; heartbeats, the supervisor's reports and the
+    footprint store come every second), so a 256 MiB call, which lasts longer, costs
+    it more than a 0 B one even where it never touches the bytes. A call that moves
+    nothing and lasts as long costs it that too: what the array call costs beyond it
+    is its payload's part.
+    """
+    rng = numpy.random.default_rng(1)
+    found = {}
+    empty_s = None  # how long a 0 B call lasts: a sleep call's messages take that too
+    for label, size in SIZES:
+        array = rng.integers(0, 256, size, dtype=numpy.uint8)
+        spent, pairs = [0.0, 0.0], SAME_LENGTH_PAIRS[size][1 if quick else 0]
+        took = []
+        for _ in range(pairs):
+            t0, before = time.perf_counter(), cpu_seconds(pid)
+            received = call(array)
+            if size >= TOUCH_FROM:
+                touch(received)
+            received = None
+            middle, t1 = cpu_seconds(pid), time.perf_counter()
+            client.call("echo", "sleep", seconds=max(0.0, t1 - t0 - (empty_s or 0.0)))
+            after = cpu_seconds(pid)
+            if None in (before, middle, after):
+                return None
+            spent[0] += middle - before
+            spent[1] += after - middle
+            took.append(t1 - t0)
+        if empty_s is None:
+            empty_s = sorted(took)[len(took) // 2]
+        found[label] = (spent[0] / pairs * 1e3, spent[1] / pairs * 1e3)
+    return found
+
+
+def broker_cpu(same_length):
+    """Per path and size: the broker's CPU ms per call, per payload-free call as long, and
+    the difference (the payload's part); `same_length`: path -> broker_same_length's."""
+    lines = []
+    for path, found in same_length.items():
+        if found:
+            lines.append("{}: {}".format(path, ", ".join(
+                "{} {:.3f} vs {:.3f} ({:+.3f})".format(label, ms, idle, ms - idle)
+                for label, (ms, idle) in found.items())))
+    return lines
 
 
 # --- Part 2 ------------------------------------------------------------------------
@@ -488,6 +576,7 @@ def main(argv=None):
     skip_reason = "--skip-torch" if args.skip_torch else torch_problem()
     directory = Path(tempfile.mkdtemp(prefix="mhb-", dir="/tmp"))
     helpers, host, context, client = [], None, None, None
+    frames_host, frames_client = None, None
     try:
         state_path = None
         daemons = [daemon_yaml("echo", "echo_engine:EchoEngine", max_queue=4)]
@@ -516,8 +605,12 @@ def main(argv=None):
             helpers.extend(forwarders[path][:2])
         host = Host(directory, daemons)
         host.start()
+        # The same echo daemon behind a broker with shared memory off: frames only.
+        frames_host = Host(directory / "frames", daemons[:1], ["shm: {threshold: off}"])
+        frames_host.start()
         names = ["echo"] + (["torch"] if state_path else [])
         ready_after = host.wait_ready(names)
+        frames_host.wait_ready(["echo"])
         report["ready_after_s"] = ready_after
         log("modelhost up: {}".format(", ".join(
             "{} ready after {:.1f}s".format(n, s) for n, s in ready_after.items())))
@@ -531,26 +624,37 @@ def main(argv=None):
             socket.connect(endpoint)
             sockets[path] = socket
         client = modelhost.Client(host.endpoint)
-        status = client.ps()
-        broker_pid = status["broker"]["pid"]
-        echo_pid = next(row["pid"] for row in status["daemons"] if row["name"] == "echo")
+        frames_client = modelhost.Client(frames_host.endpoint)
+        pids = {}
+        for name, where in (("shm", client), ("frames", frames_client)):
+            status = where.ps()
+            pids[name] = (status["broker"]["pid"], next(
+                row["pid"] for row in status["daemons"] if row["name"] == "echo"))
+        report["shm"] = client.ps()["broker"].get("shm")
         processes = {"direct": (None, helpers[0].pid),
                      "proxy": (helpers[1].pid, helpers[2].pid),
                      "python forwarder": tuple(p.pid for p in forwarders["python forwarder"][:2]),
                      "python fwd+msgpack": tuple(
                          p.pid for p in forwarders["python fwd+msgpack"][:2]),
-                     "modelhost bytes": (broker_pid, echo_pid),
-                     "modelhost ndarray": (broker_pid, echo_pid)}
+                     "modelhost bytes": pids["shm"],
+                     "modelhost ndarray": pids["shm"],
+                     "ndarray frames": pids["frames"]}
         callers = {"direct": raw_caller(sockets["direct"]), "proxy": raw_caller(sockets["proxy"]),
                    "python forwarder": raw_caller(sockets["python forwarder"]),
                    "python fwd+msgpack": header_caller(sockets["python fwd+msgpack"]),
                    "modelhost bytes": modelhost_caller(client),
-                   "modelhost ndarray": modelhost_caller(client)}
+                   "modelhost ndarray": modelhost_caller(client),
+                   "ndarray frames": modelhost_caller(frames_client)}
 
         log("Part 1: round trips over ipc://")
         rows = part1(callers, processes, args.quick, rounds, log)
         report["part1"] = rows
         report["part1_ratios"] = part1_ratios(rows)
+        log("the broker's CPU per array call against payload-free calls as long")
+        report["broker_same_length_ms"] = {
+            path: broker_same_length(callers[path], where, pids[name][0], args.quick)
+            for path, name, where in (("modelhost ndarray", "shm", client),
+                                      ("ndarray frames", "frames", frames_client))}
 
         if skip_reason is None:
             log("Part 2: subprocess per call vs warm daemon")
@@ -559,12 +663,14 @@ def main(argv=None):
             report["part2"] = None
             report["part2_skipped"] = skip_reason
     finally:
-        if client is not None:
-            client.close()
+        for open_client in (client, frames_client):
+            if open_client is not None:
+                open_client.close()
         if context is not None:
             context.destroy(linger=0)
-        if host is not None:
-            host.stop()
+        for up in (host, frames_host):
+            if up is not None:
+                up.stop()
         for helper in helpers:
             stop_process(helper)
         shutil.rmtree(str(directory), ignore_errors=True)
@@ -582,9 +688,15 @@ def main(argv=None):
           .format(rounds))
     print(format_part1(report["part1"]))
     print("")
-    print("CPU ms per call by process (user+sys, all threads; /proc clock ticks, so +-{:.0f} ms "
-          "per path and size in total):".format(1e3 / os.sysconf("SC_CLK_TCK")))
+    print("CPU ms per call by process (all threads, from each thread's schedstat):")
     print(format_cpu(report["part1"]))
+    print("")
+    shm = report.get("shm") or {}
+    print("broker CPU ms per array call (shared memory from {} bytes in {}) vs per echo "
+          "`sleep` call as long with no payload, interleaved in pairs (the difference: what "
+          "the payload costs the broker):".format(shm.get("threshold"), shm.get("dir")))
+    for line in broker_cpu(report["broker_same_length_ms"]):
+        print("  " + line)
     print("")
     print("ratios:")
     for ratio in report["part1_ratios"]:

@@ -7,7 +7,7 @@ never copied. Nothing here blocks on a daemon, and no input can kill the loop:
 a bad message is answered with an error where a reply is possible and logged
 where not.
 
-Its length (about 720 lines): the one poll loop and the scheduler's effects are one
+Its length (about 780 lines): the one poll loop and the scheduler's effects are one
 concept, the only code that touches the broker's sockets; the decisions are in the
 scheduler modules and the wire in modelhost.protocol, so what is left here is the
 routing of each message kind, which reads best in one place.
@@ -27,11 +27,11 @@ from collections import OrderedDict
 
 import zmq
 
-from modelhost import protocol
+from modelhost import _shm, protocol
 from modelhost.protocol import DaemonState
 from modelhost.errors import BadMessage, Cancelled, InternalError, ModelhostError, UnknownModel
 
-from .config import Config
+from .config import Config, shm_dir
 from .curve import Curve
 from .events import OK, EventLog
 from .footprints import STATE_FILE, FootprintStore, fingerprint
@@ -127,6 +127,12 @@ class Broker:
         # reports from anyone else are refused.
         self.supervisor_token = os.environ.pop("MODELHOST_SUPERVISOR_TOKEN", None)
         self.peers: dict[bytes, str] = {}  # routing id of a daemon socket -> daemon name
+        # Shared memory: the broker only tells clients which daemons share their
+        # segment dir (each daemon's token, from its registration), unlinks what
+        # a reply it drops brought, and sweeps what dead processes owned.
+        self.shm_dir = str(shm_dir(broker))
+        self.shm_tokens: dict[str, str | None] = {}
+        self.next_sweep = clock()
         self.poller = zmq.Poller()
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.backend, zmq.POLLIN)
@@ -310,6 +316,10 @@ class Broker:
         try:
             header, payloads = protocol.decode(frames)
             protocol.check_request(header)
+            if "shm" in header and not self._on_this_host(frames[0]):
+                # Shared-memory references name files of this host: only its own
+                # clients may send them (or offer to take a reply so).
+                del header["shm"]
         except ModelhostError as exc:
             # Malformed: answered, and nothing of it reaches the scheduler. The
             # request id travels in the details only so far: the reply names it.
@@ -385,7 +395,9 @@ class Broker:
             client=client, id=header["id"], model=header["model"], method=header["method"],
             forward=protocol.call_forward(header),
             payloads=payloads,
-            payload_bytes=sum(len(frame) for frame in payloads),
+            # What lies in shared memory counts against the daemon's max_payload too.
+            payload_bytes=sum(len(frame) for frame in payloads) + (
+                header.get("shm") or {}).get("bytes", 0),
             priority=header["priority"], enqueued_at=self.clock(),
             deadline=self._deadline(header))
         self.scheduler.on_call(request)
@@ -483,6 +495,7 @@ class Broker:
             del self.peers[peer]
         self.peers[identity] = name
         self.peers.update((slot, name) for slot in registered.slots)
+        self.shm_tokens[name] = header.get("shm")
         log.info("daemon=%s registered: pid %s, %s, state %s, %d calls running",
                  name, registered.pid, registered.interpreter, registered.state,
                  len(header.get("running") or []))
@@ -500,6 +513,8 @@ class Broker:
             key = (client, request_id)
             if request_id not in waiting or key in self.delivered_unclaimed:
                 log.debug("rid=%s dropped a reply its client had already", request_id)
+                if request_id not in waiting:  # (a copy's segments are the delivered one's)
+                    self._unlink_segments(held.frames)
                 continue
             self._to_client(client, held.frames)
             if terminal:
@@ -534,6 +549,7 @@ class Broker:
             if not self.unclaimed.hold(client, body, self.clock(), tag=(header["id"], terminal)):
                 log.error("daemon=%s rid=%s dropped a reply for a call this broker does "
                           "not know: no room to hold it", name, header["id"])
+                self._unlink_segments(body)
         elif route is Route.FORWARD:
             # The daemon's header frame goes to the client unchanged.
             self._to_client(client, body)
@@ -545,6 +561,9 @@ class Broker:
                     self._ended(request, Cancelled.code)
                 else:
                     self._ended(request, header["code"], header.get("message") or "")
+        elif "shm" in header:
+            # Dropped (the call ended early): nobody will map what it brought.
+            _shm.unlink_listed(self.shm_dir, header["shm"].get("segments"))
 
     # --- daemon processes ---------------------------------------------------
 
@@ -571,7 +590,36 @@ class Broker:
     def on_pid_exit(self, fd: int) -> None:
         name = self.pidfds[fd]
         self._unwatch(fd)
+        # Sweep first: by the time its callers hear of the crash, what the daemon
+        # had in shared memory (its pooled files, a result it never sent) is gone.
+        self._guarded("the shared-memory sweep", self._sweep)
         self.scheduler.on_daemon_lost(name, "the process exited")
+
+    # --- shared memory --------------------------------------------------------
+
+    def _on_this_host(self, frame) -> bool:
+        """Whether a client message came from this host: the ipc socket (owner-only), or
+        tcp from a loopback address."""
+        if not self.config.broker.frontend.startswith("tcp://"):
+            return True
+        try:
+            peer = frame.get("Peer-Address")
+        except (AttributeError, zmq.ZMQError):
+            return False
+        return peer.startswith(("127.", "::1", "::ffff:127."))
+
+    def _sweep(self) -> None:
+        """Unlink the segments of processes that are gone (clients, daemons)."""
+        self.next_sweep = self.clock() + _shm.SWEEP_S
+        _shm.sweep(self.shm_dir)
+
+    def _unlink_segments(self, frames: list) -> None:
+        """A held reply that is dropped: unlink the segments it brought."""
+        try:
+            header = protocol.decode_header(frames[0])
+        except ModelhostError:
+            return
+        _shm.unlink_listed(self.shm_dir, (header.get("shm") or {}).get("segments"))
 
     # --- status -------------------------------------------------------------
 
@@ -583,7 +631,12 @@ class Broker:
                        "frontend": self.config.broker.frontend,
                        "events": self.config.broker.events,
                        "http": self.web.url if self.web is not None else None,
-                       "config": str(self.config.path) if self.config.path else None},
+                       "config": str(self.config.path) if self.config.path else None,
+                       # What a client needs to send large payloads in shared memory.
+                       "shm": {"dir": self.shm_dir,
+                               "threshold": self.config.broker.shm.threshold,
+                               "max_total": self.config.broker.shm.max_total,
+                               "tokens": dict(self.shm_tokens)}},
             "time": time.time(),
             "memory": {"probe": self.probe.kind, "reason": self.probe.reason,
                        "devices": self.scheduler.device_rows()},
@@ -597,6 +650,7 @@ class Broker:
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: setattr(self, "stopping", True))
+        self._guarded("the shared-memory sweep", self._sweep)
         heartbeat_s = self.config.broker.heartbeat_s
         next_heartbeat = self.clock() + heartbeat_s
         log.info("broker %s listening: clients at %s, daemons at %s", self.instance,
@@ -705,6 +759,8 @@ class Broker:
             if report:
                 self.scheduler.on_supervisor_report(report)
         self._read_memory()
+        if self.clock() >= self.next_sweep:
+            self._sweep()
         if self.scheduler.take_dirty():
             self.store.mark_dirty()
         self.store.save()

@@ -14,19 +14,22 @@ import copy
 import os
 from pathlib import Path
 
+from modelhost import _shm
+
 from .config_gateway import GatewaySections, gateway_spec
 from .config_model import (
     DEFAULT_MAX_MESSAGE, BrokerConfig, Config, ConfigError, CurveConfig, DaemonConfig,
-    DeviceLimit, GatewayConfig, GatewayModel, MemoryConfig, RestartPolicy, default_of,
-    format_size, parse_size,
+    DeviceLimit, GatewayConfig, GatewayModel, MemoryConfig, RestartPolicy, ShmConfig,
+    default_of, format_size, parse_size,
 )
 from .config_sections import HostSections
 from .config_sections import _default_state_dir  # noqa: F401 (the tests read it here)
 
 __all__ = [
     "ConfigError", "RestartPolicy", "DaemonConfig", "DeviceLimit", "MemoryConfig",
-    "BrokerConfig", "CurveConfig", "GatewayConfig", "GatewayModel", "Config",
+    "BrokerConfig", "CurveConfig", "GatewayConfig", "GatewayModel", "Config", "ShmConfig",
     "default_config_path", "load_config", "parse_config", "daemon_spec", "gateway_spec",
+    "shm_dir",
     "parse_size", "format_size", "default_of", "DEFAULT_MAX_MESSAGE",
 ]
 
@@ -80,8 +83,15 @@ def daemon_spec(config: Config, name: str, *, parent_pid: int | None = None) -> 
         "pythonpath": [str(p) for p in daemon.pythonpath],
         "log_level": config.broker.log_level,
         "parent_pid": parent_pid,
+        "shm": {"dir": str(shm_dir(config.broker)), "threshold": config.broker.shm.threshold,
+                "max_total": config.broker.shm.max_total},
         **_curve_spec(config.broker),
     }
+
+
+def shm_dir(broker: BrokerConfig) -> Path:
+    """Where the segments of this broker's clients and daemons live."""
+    return broker.shm.dir or Path(_shm.default_dir(str(broker.runtime_dir)))
 
 
 def _curve_spec(broker: BrokerConfig) -> dict:

@@ -10,6 +10,8 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelhost import _shm
+
 
 class ConfigError(Exception):
     """A configuration that cannot be used; `.errors` holds one message per problem."""
@@ -129,6 +131,19 @@ DEFAULT_HTTP = ("127.0.0.1", 9466)
 
 
 @dataclass(frozen=True)
+class ShmConfig:
+    """Large payloads in shared-memory segments instead of frames (modelhost._shm)."""
+
+    # A binary leaf (bytes, an array's data) this big or bigger goes into a
+    # segment; None: never (`threshold: off`), every payload is a frame.
+    threshold: int | None = _shm.DEFAULT_THRESHOLD
+    # Above this many bytes in this user's segments, payloads go as frames.
+    max_total: int = _shm.DEFAULT_MAX_TOTAL
+    # None: _shm.default_dir(runtime_dir) ($MODELHOST_SHM_DIR, /dev/shm, <runtime_dir>/shm).
+    dir: Path | None = None
+
+
+@dataclass(frozen=True)
 class CurveConfig:
     """CURVE on every tcp:// endpoint the broker binds (ipc:// stays plain)."""
 
@@ -158,6 +173,7 @@ class BrokerConfig:
     http: tuple[str, int] | None = DEFAULT_HTTP
     # None: no CURVE, and then tcp:// only on loopback.
     curve: CurveConfig | None = None
+    shm: ShmConfig = field(default_factory=ShmConfig)
 
     @property
     def daemon_expiry_s(self) -> float:

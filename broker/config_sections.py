@@ -22,7 +22,7 @@ from modelhost.protocol import Priority
 
 from .config_model import (
     PYTHON_VERSION, BrokerConfig, CurveConfig, DaemonConfig, DeviceLimit, MemoryConfig,
-    RestartPolicy, default_of, parse_size,
+    RestartPolicy, ShmConfig, default_of, parse_size,
 )
 from .config_yaml import _BAD, _FLOAT, NodeReader, _join, _suggest
 
@@ -37,7 +37,8 @@ _MAX_IPC_PATH = 107
 
 _BROKER_KEYS = ("runtime_dir", "state_dir", "frontend", "backend", "events", "http", "curve",
                 "heartbeat_s", "liveness", "client_liveness_s", "max_payload", "max_reply",
-                "log_level", "memory")
+                "log_level", "memory", "shm")
+_SHM_KEYS = ("threshold", "max_total", "dir")
 
 _MEMORY_KEYS = ("probe", "threshold", "external", "devices", "sample_s", "aging_s",
                 "max_skips", "priority_window_s")
@@ -103,7 +104,22 @@ class HostSections(NodeReader):
             events=endpoints["events"],
             http=get("http", self.http_address),
             curve=curve,
+            shm=get("shm", self.shm),
         )
+
+    def shm(self, node: Node, kp: str) -> Any:
+        fields = self.mapping(node, kp, _SHM_KEYS)
+        if fields is None:
+            return _BAD
+        get = self.getter(fields, kp, ShmConfig)
+        threshold = default_of(ShmConfig, "threshold")
+        if "threshold" in fields:
+            value = self.scalar(fields["threshold"][1])
+            # `off` is YAML's false.
+            threshold = None if value is None or value is False or value == "off" else \
+                get("threshold", self.size)
+        return ShmConfig(threshold=threshold, max_total=get("max_total", self.size),
+                         dir=get("dir", self.path_value))
 
     def memory(self, node: Node, kp: str) -> Any:
         fields = self.mapping(node, kp, _MEMORY_KEYS)

@@ -48,7 +48,7 @@ class AsyncClient(BaseClient, AsyncModelCalls):
             if header["kind"] == protocol.PROGRESS and on_progress is not None:
                 on_progress(m.progress_of(header))
             elif header["kind"] == protocol.RESULT:
-                result = protocol.reply_value(header, payloads)
+                result = protocol.reply_value(header, payloads, self._shm.reader(header))
         return result
 
     async def stream(self, model, method, *, timeout=m.NOT_SET, on_progress=None,
@@ -57,7 +57,7 @@ class AsyncClient(BaseClient, AsyncModelCalls):
         async for header, payloads in self._run(model, method, timeout, priority,
                                                 m.merge_arguments(arguments, kwargs), True):
             if header["kind"] == protocol.PARTIAL:
-                yield protocol.reply_value(header, payloads)
+                yield protocol.reply_value(header, payloads, self._shm.reader(header))
             elif header["kind"] == protocol.PROGRESS and on_progress is not None:
                 on_progress(m.progress_of(header))
 
@@ -141,8 +141,21 @@ class AsyncClient(BaseClient, AsyncModelCalls):
         if timeout is m.NOT_SET:
             timeout = self.timeout
         request_id = self._new_id()
-        frames = protocol.call_message(request_id, model, method, args, priority, stream,
-                                      timeout)
+
+        async def frames():
+            # Built once the exchange runs: the first call with a large leaf asks the
+            # broker where its daemons stand (shared memory) first.
+            shm = self._shm
+            if shm.needs_info(model, args):
+                try:
+                    shm.learn((await self.ps(timeout=min(5.0, self.broker_timeout)))
+                              ["broker"].get("shm"))
+                except ModelhostError:
+                    shm.learn(None)
+            return protocol.call_message(request_id, model, method, args, priority, stream,
+                                         timeout, shm.offer(request_id),
+                                         shm.writer(request_id, model))
+
         return self._exchange(request_id, frames, timeout)
 
     async def _model_op(self, op, model, timeout=None, priority=None):
@@ -155,11 +168,15 @@ class AsyncClient(BaseClient, AsyncModelCalls):
         return result
 
     async def _exchange(self, request_id, frames, timeout):
-        """Send a tracked request; yield its replies up to its result, raise its error."""
+        """Send a tracked request; yield its replies up to its result, raise its error.
+
+        `frames` may be a coroutine function that builds them."""
         queue = self._open(request_id)
         deadline = None if timeout is None else time.monotonic() + timeout + m.TIMEOUT_GRACE_S
-        finished = False
+        finished = result = False
         try:
+            if callable(frames):
+                frames = await frames()
             await self._send(frames, copy=False)
             self._sent.add(request_id)
             while True:
@@ -175,11 +192,16 @@ class AsyncClient(BaseClient, AsyncModelCalls):
                     raise protocol.reply_error(header)
                 yield header, payloads
                 if kind == protocol.RESULT:
-                    finished = True
+                    finished = result = True
                     return
         finally:
             self._queues.pop(request_id, None)
             self._sent.discard(request_id)
+            while not queue.empty():
+                reply = queue.get_nowait()
+                if isinstance(reply, tuple):
+                    self._shm.discard(reply[0])
+            self._shm.finish(request_id, result)
             if not finished and self._state is ClientState.OPEN:
                 # Cancelled task, timeout, or an abandoned stream: stop the remote work.
                 try:
@@ -246,3 +268,5 @@ class AsyncClient(BaseClient, AsyncModelCalls):
         queue = self._queues.get(header.get("id"))
         if queue is not None:
             queue.put_nowait((header, payloads))
+        elif "shm" in header:
+            self._shm.discard(header)  # a reply nobody waits for any more

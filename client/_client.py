@@ -9,7 +9,7 @@ from . import _curve
 from . import _messages as m
 from . import protocol
 from ._connection import BaseClient, ClientState, open_socket, transport_error
-from .errors import BrokerUnavailable, Timeout
+from .errors import BrokerUnavailable, ModelhostError, Timeout
 from .models import ModelCalls
 
 
@@ -33,14 +33,14 @@ class Stream(object):
         for header, payloads in self._client._replies(self.request_id, self._deadline):
             kind = header["kind"]
             if kind == protocol.PARTIAL:
-                return protocol.reply_value(header, payloads)
+                return protocol.reply_value(header, payloads, self._client._shm.reader(header))
             if kind == protocol.PROGRESS:
                 if self._on_progress is not None:
                     self._on_progress(m.progress_of(header))
                 continue
             self.done = True
             if kind == protocol.RESULT:
-                self.result = protocol.reply_value(header, payloads)
+                self.result = protocol.reply_value(header, payloads, self._client._shm.reader(header))
                 raise StopIteration
             raise protocol.reply_error(header)
 
@@ -229,11 +229,28 @@ class Client(BaseClient, ModelCalls):
         if timeout is m.NOT_SET:
             timeout = self.timeout
         request_id = self._new_id()
+        # Before it is expected: a ping sent while the broker is asked must not list it.
+        offer, writer = self._shm_for(request_id, model, args)
         self._expect(request_id)
-        self._send(protocol.call_message(request_id, model, method, args, priority, stream,
-                                         timeout))
+        try:
+            self._send(protocol.call_message(request_id, model, method, args, priority, stream,
+                                             timeout, offer, writer))
+        except BaseException:
+            self._forget(request_id)  # and its segments
+            raise
         deadline = None if timeout is None else time.monotonic() + timeout
         return Stream(self, request_id, deadline, on_progress)
+
+    def _shm_for(self, request_id, model, args):
+        """The call's shared-memory offer and Writer; the broker is asked where its
+        daemons stand before the first call with a large leaf."""
+        shm = self._shm
+        if shm.needs_info(model, args):
+            try:
+                shm.learn(self.ps(timeout=min(5.0, self.broker_timeout))["broker"].get("shm"))
+            except ModelhostError:
+                shm.learn(None)  # frames this time; asked again later
+        return shm.offer(request_id), shm.writer(request_id, model)
 
     def _model_op(self, op, model, timeout=None, priority=None):
         # A tracked request like a call: pings keep it alive in the broker's
@@ -249,9 +266,17 @@ class Client(BaseClient, ModelCalls):
                 raise protocol.reply_error(header)
             # progress (or anything else) before the answer: nothing to show here
 
-    def _forget(self, request_id):
+    def _forget(self, request_id, result=False, reading=None):
+        """The request is over (`result`: with its result): drop what is left of it.
+
+        `reading`: the header of its terminal reply, which the caller maps after this;
+        a second copy of that reply (a daemon resends its last results to a broker
+        that restarted) names the same segments, which must stay for the first.
+        """
         self._outstanding.discard(request_id)
-        self._mailbox.pop(request_id, None)
+        for header, _ in self._mailbox.pop(request_id, ()):
+            self._shm.discard(header, keep=reading)
+        self._shm.finish(request_id, result)
 
     def _replies(self, request_id, deadline, grace=m.TIMEOUT_GRACE_S):
         """Yield (header, payloads) for request_id until its terminal reply."""
@@ -261,7 +286,7 @@ class Client(BaseClient, ModelCalls):
                 if box:
                     header, payloads = box.popleft()
                     if header["kind"] in protocol.TERMINAL_KINDS:
-                        self._forget(request_id)
+                        self._forget(request_id, header["kind"] == protocol.RESULT, header)
                     yield header, payloads
                     if header["kind"] in protocol.TERMINAL_KINDS:
                         return
@@ -313,6 +338,8 @@ class Client(BaseClient, ModelCalls):
                 self._on_pong(header)
             elif header.get("id") in self._outstanding:
                 self._mailbox[header["id"]].append((header, payloads))
+            elif "shm" in header:
+                self._shm.discard(header)  # a reply nobody waits for any more
 
     def _on_pong(self, header):
         for request_id in self._pings.lost(header):

@@ -14,6 +14,7 @@ import zmq
 
 from . import _curve
 from . import _messages as m
+from . import _shm_client
 from . import local
 from .errors import StateError, TransportError
 
@@ -84,6 +85,8 @@ class BaseClient(object):
             identity=m.new_identity(), watch=True)
         self._state = ClientState.OPEN
         self._next_id = 0
+        # Large payloads in shared memory (what the calls offer, write and unlink).
+        self._shm = _shm_client.ClientSegments(self.endpoint, local.default_runtime_dir())
 
     def _check_open(self):
         if self._state is not ClientState.OPEN:
@@ -99,3 +102,4 @@ class BaseClient(object):
         self._state = ClientState.CLOSED
         _curve.close(self._handshake)
         self._socket.close(linger=0)
+        self._shm.close()

@@ -5,6 +5,9 @@ removed by ROUTER sockets), frame 0 is a msgpack map, the *header*; the frames
 after it are raw binary payloads. A payload is referenced from the header by an
 msgpack extension value that holds its frame index, so megabytes of audio or
 video never pass through msgpack and a broker forwards them without copying.
+Above the shared-memory threshold a payload lies in a segment instead, and the
+reference names where (see _shm.py); the header's `shm` field lists a
+message's segments, and a call's also offers to take its reply that way.
 
 Every header carries `v`, the protocol version, and either `op` (a command)
 or `kind` (a reply). Peers check the version on every message, so a peer that
@@ -34,6 +37,7 @@ together on purpose, so that the whole wire can be read in one file.
 import msgpack
 import zmq
 
+from . import _shm
 # The value codec and the schema check are in modules of their own; what of
 # them others use is reached through this one.
 from ._payloads import externalize, internalize  # noqa: F401 (re-exported)
@@ -167,12 +171,10 @@ def encode(header, payloads=()):
     return [msgpack.packb(header, use_bin_type=True)] + list(payloads)
 
 
-def encode_value_message(header, field, value):
-    """Frames for a header whose `field` holds `value`, binary leaves moved to frames."""
-    payloads = []
-    header = dict(header)
-    header[field] = externalize(value, payloads)
-    return encode(header, payloads)
+def encode_value_message(header, field, value, shm=None):
+    """Frames for a header whose `field` holds `value`, binary leaves moved to frames
+    (with `shm`, a shared-memory Writer, those over its threshold into a segment)."""
+    return _value_frames(dict(header), field, value, shm)
 
 
 def decode_header(frame):
@@ -233,9 +235,17 @@ def _frames(header, payloads=()):
     return [msgpack.packb(header, use_bin_type=True)] + list(payloads)
 
 
-def _value_frames(header, field, value):
+def _value_frames(header, field, value, shm=None):
     payloads = []
-    header[field] = externalize(value, payloads)
+    header[field] = externalize(value, payloads, None if shm is None else shm.place)
+    if shm is not None and shm.placed:
+        written = shm.commit()
+        if written is None:
+            # The segment could not be written (logged): every leaf in frames after all.
+            payloads = []
+            header[field] = externalize(value, payloads)
+        else:
+            header["shm"] = dict(header.get("shm") or {}, **written)
     return _frames(header, payloads)
 
 
@@ -252,12 +262,16 @@ def _reply_route(header, client, mem):
 # Client -> broker.
 
 def call_message(request_id, model, method, args, priority=Priority.NORMAL, stream=False,
-                 timeout=None):
+                 timeout=None, shm=None, writer=None):
+    """`shm`: the offer to take the reply in shared memory ({token, owner, tag});
+    `writer`: the shared-memory Writer for large arguments (both from ClientSegments)."""
     header = {"op": CALL, "id": request_id, "model": model, "method": method,
               "priority": priority, "stream": stream}
     if timeout is not None:
         header["timeout"] = float(timeout)
-    return _value_frames(header, "args", args)
+    if shm is not None:
+        header["shm"] = shm
+    return _value_frames(header, "args", args, writer)
 
 
 def cancel_message(request_id, client=None):
@@ -322,13 +336,15 @@ def heartbeat_message(state=None, running=None, mem=None):
 # Daemon -> broker.
 
 def register_message(*, name, pid, interpreter, python, engine, methods, slots, state, tier,
-                     tiers, mem, error, facts, loads, uptime_s, running):
-    """Who the daemon is and where it stands; `running`: [{id, client, method, slot}]."""
+                     tiers, mem, error, facts, loads, uptime_s, running, shm=None):
+    """Who the daemon is and where it stands; `running`: [{id, client, method, slot}];
+    `shm`: its shared-memory directory's token (_shm.token_of), None when off."""
     return _frames({
         "op": REGISTER, "name": name, "pid": pid, "interpreter": interpreter,
         "python": python, "engine": engine, "methods": methods, "slots": slots,
         "state": state, "tier": tier, "tiers": tiers, "mem": mem, "error": error,
-        "facts": facts, "loads": loads, "uptime_s": uptime_s, "running": running})
+        "facts": facts, "loads": loads, "uptime_s": uptime_s, "running": running,
+        "shm": shm})
 
 
 def state_message(*, state, tier, mem, loads, facts, error, took_s=None, failed=None):
@@ -339,9 +355,10 @@ def state_message(*, state, tier, mem, loads, facts, error, took_s=None, failed=
 
 # Replies: daemon -> client through the broker, and the broker's own.
 
-def partial_reply(request_id, client, seq, value):
+def partial_reply(request_id, client, seq, value, writer=None):
+    """`writer`: a shared-memory Writer for the call's caller, who offered (see call_message)."""
     return _value_frames(_reply_route({"kind": PARTIAL, "id": request_id, "seq": seq},
-                                      client, None), "value", value)
+                                      client, None), "value", value, writer)
 
 
 def progress_reply(request_id, client, fraction, stage, message):
@@ -349,9 +366,9 @@ def progress_reply(request_id, client, fraction, stage, message):
                                  "stage": stage, "message": message}, client, None))
 
 
-def result_reply(request_id, value, client=None, mem=None):
+def result_reply(request_id, value, client=None, mem=None, writer=None):
     return _value_frames(_reply_route({"kind": RESULT, "id": request_id}, client, mem),
-                         "value", value)
+                         "value", value, writer)
 
 
 def error_header(request_id, error):
@@ -385,13 +402,17 @@ def pong_reply(request_id, known, broker, settled):
 
 def call_forward(header):
     """What of a client's checked call travels on to the daemon (dispatch_message())."""
-    return {"method": header["method"], "args": header["args"], "stream": header["stream"]}
+    forward = {"method": header["method"], "args": header["args"], "stream": header["stream"]}
+    if "shm" in header:
+        forward["shm"] = header["shm"]  # its segments and its offer, for the daemon
+    return forward
 
 
-def reply_value(header, payloads):
-    """The value of a result or partial reply: binary leaves as bytes, arrays as arrays."""
+def reply_value(header, payloads, segment=None):
+    """The value of a result or partial reply: binary leaves as bytes, arrays as arrays;
+    `segment` (a shared-memory Reader) maps what lies in segments."""
     try:
-        return internalize(header.get("value"), payloads)
+        return internalize(header.get("value"), payloads, segment)
     except RecursionError as exc:
         # Deeper than Python can walk: a typed error, like any malformed reply.
         raise BadMessage("the reply's value is nested too deeply to decode") from exc
@@ -456,6 +477,26 @@ _FACTS = optional(or_none(lambda value: isinstance(value, dict) and is_plain(val
                   "a map of plain values (strings, numbers, lists, maps) or null")
 _LOADS = optional(or_none(lambda value: is_int(value, 0)), "a non-negative integer")
 
+
+def _shm_field(value, offer):
+    # A message's shared-memory facts (see _shm.py): the segments it brought and
+    # their bytes; a call's also its offer to take the reply that way.
+    if not isinstance(value, dict):
+        return False
+    segments = value.get("segments", [])
+    return (isinstance(segments, list) and len(segments) <= 64
+            and all(_shm.is_name(name) for name in segments)
+            and is_int(value.get("bytes", 0), 0)
+            and (not offer or (is_text(value.get("token", ""), 64)
+                               and or_none(_shm.is_owner)(value.get("owner"))
+                               and or_none(_shm.is_tag)(value.get("tag")))))
+
+
+_SHM_CALL = optional(lambda value: _shm_field(value, True),
+                     "a map {token, owner, tag, segments, bytes} (shared memory)")
+_SHM_REPLY = optional(lambda value: _shm_field(value, False),
+                      "a map {segments: [segment names], bytes} (shared memory)")
+
 # Client -> broker, by `op`.
 REQUEST_SCHEMAS = {
     CALL: {"id": _ID, "model": _MODEL,
@@ -464,7 +505,8 @@ REQUEST_SCHEMAS = {
                             "to values", BadArguments, default={}),
            "priority": _PRIORITY, "timeout": _TIMEOUT,
            "stream": optional(lambda value: isinstance(value, bool), "true or false",
-                              default=False)},
+                              default=False),
+           "shm": _SHM_CALL},
     CANCEL: {"id": _ID},
     PING: {"id": _ID, "ids": optional(list_of(is_request_id), "a list of request ids",
                                       default=[])},
@@ -494,6 +536,8 @@ DAEMON_SCHEMAS = {
         "mem": _MEM, "error": _ERROR_TEXT, "facts": _FACTS, "loads": _LOADS,
         "uptime_s": optional(lambda value: is_number(value, 0), "a finite number >= 0"),
         "running": optional(list_of(_running_call), "a list of {id, client, method, slot}"),
+        # The daemon's shared-memory directory token (_shm.token_of), null when off.
+        "shm": optional(or_none(lambda value: is_text(value, 64)), "a string or null"),
     },
     STATE: {"state": _STATE, "tier": _TIER, "mem": _MEM, "error": _ERROR_TEXT,
             "facts": _FACTS, "loads": _LOADS,
@@ -509,7 +553,7 @@ DAEMON_SCHEMAS = {
 # Daemon -> client through the broker, by `kind`. `value` is never read by the
 # broker: it travels to the client as it came.
 _REPLY = {"id": _ID, "client": required(is_identity, "the client's identity (bytes)"),
-          "mem": _MEM}
+          "mem": _MEM, "shm": _SHM_REPLY}
 REPLY_SCHEMAS = {
     PARTIAL: dict(_REPLY, seq=optional(lambda value: is_int(value, 0), "an integer >= 0")),
     PROGRESS: dict(_REPLY, fraction=optional(or_none(lambda value: is_number(value, 0, 1)),

@@ -56,7 +56,7 @@ import traceback
 
 import zmq
 
-from modelhost import local, protocol
+from modelhost import _shm, local, protocol
 from modelhost.errors import (BadArguments, Cancelled, EngineError, ModelhostError,
                               PayloadTooLarge, error_from_wire)
 
@@ -389,17 +389,21 @@ class Slot(object):
         finished = [False]
 
         def send(kind, value):
+            writer = None
             if kind == protocol.PARTIAL:
-                frames = protocol.partial_reply(request_id, client, seq[0], value)
+                writer = runtime.reply_writer(header)
+                frames = protocol.partial_reply(request_id, client, seq[0], value, writer)
                 seq[0] += 1
             else:
                 frames = protocol.progress_reply(request_id, client, value["fraction"],
                                                  value["stage"], value["message"])
-            runtime.check_reply_size(frames)
+            runtime.check_reply_size(frames, writer)
             with self.lock:
                 # An engine thread that outlives its call must not speak for it.
                 if not finished[0]:
                     protocol.send(self.socket, frames)
+                elif writer is not None:
+                    writer.discard()  # nor leave its chunk's segment behind
 
         ctx._send = send
         ctx.slot = self.index
@@ -461,14 +465,22 @@ class Slot(object):
                 raise error_from_wire(
                     "unknown_method", "{} has no method {!r}; it offers: {}".format(
                         runtime.name, header.get("method"), ", ".join(sorted(runtime.operations))))
-            arguments = protocol.internalize(header.get("args") or {}, payloads)
+            arguments = protocol.internalize(
+                header.get("args") or {}, payloads,
+                # What came in shared memory is this daemon's once mapped: unlinked at once.
+                # Only the segments the call lists: the broker strips the list from a call
+                # that did not come from this host.
+                None if runtime.shm is None else runtime.shm.reader(
+                    True, (header.get("shm") or {}).get("segments") or ()))
             check_arguments(method, ctx, arguments)
             ctx.check_cancelled()
             outcome = method(ctx, **arguments)
             if inspect.isgenerator(outcome):
                 outcome = self._drain(ctx, outcome)
-            frames = protocol.result_reply(ctx.request_id, outcome, client, memory.call_peaks())
-            runtime.check_reply_size(frames)
+            writer = runtime.reply_writer(header)
+            frames = protocol.result_reply(ctx.request_id, outcome, client, memory.call_peaks(),
+                                           writer)
+            runtime.check_reply_size(frames, writer)
             return frames
         except Cancelled as exc:
             return protocol.cancelled_reply(ctx.request_id, exc.message, client,
@@ -532,14 +544,33 @@ class Runtime(object):
         # Counts the times a broker came back (or a restarted one asked us to
         # register): each asks the slots to resend what they kept.
         self.register_epoch = 0
+        # Shared memory for large payloads (None: off): where, from what size, how much.
+        self.shm = _shm.Segments.from_spec(spec.get("shm"))
         self.context = zmq.Context.instance()
         self.slots = [Slot(self, index) for index in range(int(spec.get("concurrency", 1)))]
 
-    def check_reply_size(self, frames):
-        """PayloadTooLarge unless every frame fits what the broker accepts from a daemon."""
+    def reply_writer(self, call):
+        """A shared-memory Writer for the large values of a reply to `call`, when its caller
+        offered to take them so and shares this daemon's segment directory; else None."""
+        offer = call.get("shm")
+        if self.shm is None or not isinstance(offer, dict) or not (
+                _shm.is_owner(offer.get("owner")) and _shm.is_tag(offer.get("tag"))):
+            return None
+        if offer.get("token") != self.shm.token:
+            _shm.say_once("peer", logging.INFO, "large results to some clients travel as "
+                          "frames: they do not share this daemon's shared-memory directory %s",
+                          self.shm.directory)
+            return None
+        return self.shm.writer(offer["owner"], offer["tag"])
+
+    def check_reply_size(self, frames, writer=None):
+        """PayloadTooLarge unless every frame fits what the broker accepts from a daemon
+        (and then the segment the reply's `writer` made is unlinked)."""
         limit = self.max_reply_bytes
         largest = max(len(frame) for frame in frames)
         if limit is not None and largest > limit:
+            if writer is not None:
+                writer.discard()
             raise PayloadTooLarge(
                 "the reply carries a frame of {} bytes; the broker accepts at most {} from a "
                 "daemon (broker.max_reply in its configuration)".format(largest, limit))
@@ -664,6 +695,7 @@ class Runtime(object):
             loads=self.loads,
             uptime_s=time.monotonic() - self.started,
             running=running,
+            shm=None if self.shm is None else self.shm.token,
         ))
 
     def _on_control(self, frames):
@@ -707,6 +739,13 @@ class Runtime(object):
         """Serve until SIGTERM or until the supervising parent dies; returns the exit code."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
+        if self.shm is not None and self.shm.token is None:
+            log.warning("large payloads travel as frames: the shared-memory directory %s is "
+                        "not usable", self.shm.directory)
+        elif self.shm is not None:
+            self.shm.sweep()  # what processes that died before us left behind
+            log.info("large payloads in shared memory: %s, from %s bytes", self.shm.directory,
+                     self.shm.threshold)
         lifecycle = self.context.socket(zmq.PULL)
         lifecycle.bind(_LIFECYCLE_ENDPOINT)
         self.control = self.context.socket(zmq.DEALER)
@@ -762,6 +801,8 @@ class Runtime(object):
                         running = len(self.running)
                     self._send(protocol.heartbeat_message(self.state, running,
                                                           self.memory.report()))
+                if self.shm is not None:
+                    self.shm.trim()  # reusable segments left unused for a while
         self._shutdown()
         return 0
 

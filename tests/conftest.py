@@ -52,9 +52,11 @@ for _entry in TEST_STATE.iterdir():
         shutil.rmtree(_entry)
     else:
         _entry.unlink()
+# Shared-memory segments too: never in the user's /dev/shm.
 os.environ.update(MODELHOST_STATE_DIR=str(TEST_STATE), XDG_STATE_HOME=str(TEST_STATE_HOME),
                   MODELHOST_RUNTIME_DIR=str(TEST_RUNTIME),
-                  XDG_RUNTIME_DIR=str(TEST_RUNTIME_HOME))
+                  XDG_RUNTIME_DIR=str(TEST_RUNTIME_HOME),
+                  MODELHOST_SHM_DIR=str(TEST_RUNTIME_HOME / "shm"))
 os.environ.pop("MODELHOST_ENDPOINT", None)  # it would name the user's broker
 atexit.register(shutil.rmtree, TEST_RUNTIME_HOME, ignore_errors=True)
 

@@ -499,6 +499,9 @@ broker:
         "pythonpath": ["/opt/lib"],
         "log_level": "warning",
         "parent_pid": 1234,
+        # Large payloads: where the segments live ($MODELHOST_SHM_DIR, set by conftest).
+        "shm": {"dir": os.environ["MODELHOST_SHM_DIR"], "threshold": 2**20,
+                "max_total": 2**30},
     }
     assert json.loads(json.dumps(spec)) == spec
     spec["options"]["voice"] = "fr"  # the spec is a copy

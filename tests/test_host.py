@@ -446,7 +446,10 @@ def test_a_daemon_not_ready_within_its_window_is_killed_and_retried(make_host):
 
 
 def test_a_frame_over_the_hard_limit_is_dropped_and_the_caller_learns_it_was_lost(make_host):
-    host = make_host([daemon_yaml("probe")], {"max_payload": "1MiB"}).start()
+    # Frames, which the cap is for: a payload in shared memory never reaches the
+    # broker's socket (tests/test_shm.py has it counted against max_payload instead).
+    host = make_host([daemon_yaml("probe")], {"max_payload": "1MiB",
+                                              "shm": "{threshold: off}"}).start()
     host.wait_ready("probe")
     client = host.client(broker_timeout=30)
     # Over the broker's per-frame cap (max_payload + 1 MiB): ZeroMQ drops the

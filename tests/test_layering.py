@@ -38,6 +38,8 @@ ROOT_MODULES_FOR_BROKER_AND_DAEMONS = {
     "modelhost.errors": "the one error tree, whose codes travel on the wire",
     "modelhost.local": "what every process on this machine agrees on apart from the wire: "
                        "the runtime dir, the default endpoint, logging set-up",
+    "modelhost._shm": "the shared-memory segments that the wire's references name: daemons "
+                      "write and map them, the broker unlinks and sweeps them",
 }
 
 # Further imports of the root package by one broker or daemon file: (file, module) -> why.

@@ -43,6 +43,21 @@ class ProbeEngine(Engine):
         return {"data": data, "extra": extra}
 
     @operation
+    def echo_after(self, ctx, data=None, path: str = ""):
+        """`data` back once `path` exists: a call that is surely running (its arguments
+        received) while a test does something to it."""
+        while path and not os.path.exists(path):
+            ctx.check_cancelled()
+            time.sleep(0.01)
+        return data
+
+    @operation
+    def payload_owners(self, ctx, **values):
+        """For each argument, the type of the object its bytes live in: "mmap" for what came
+        in shared memory, "Frame" for a ZeroMQ frame, "bytes" for a copy."""
+        return {name: _owner_type(value) for name, value in values.items()}
+
+    @operation
     def add(self, ctx, a: int, b: int = 0):
         return a + b
 
@@ -109,6 +124,19 @@ class ProbeEngine(Engine):
     @operation
     def crash(self, ctx):
         os._exit(17)
+
+    @operation
+    def crash_after_chunk(self, ctx, size: int):
+        """Yield one chunk of `size` bytes, then die at once: whether the chunk left the
+        process before it died is up to ZeroMQ's I/O thread."""
+        yield b"c" * size
+        os._exit(17)
+
+
+def _owner_type(value):
+    while getattr(value, "base", None) is not None:
+        value = value.base  # an array's view chain, down to the buffer it was made on
+    return type(getattr(value, "obj", value)).__name__
 
 
 class NeedsWeightsEngine(ProbeEngine):
