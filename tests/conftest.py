@@ -23,6 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ROOT / "tests" / "engines"
 VENV_CACHE = ROOT / ".cache" / "test-venvs"
 
+# A shell without job control starts a background command (`bash tests/run &`) with
+# SIGINT ignored, and every process a test starts would inherit that: the tests that
+# stop a child with Ctrl-C (up, top, logs -f, the gateway, Ray nodes) would then wait
+# in vain. Children get SIGINT as a terminal would deliver it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def _own_dirs():
     """The state and runtime dirs a modelhost of the user's own would use here."""
