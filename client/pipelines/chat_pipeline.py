@@ -16,6 +16,15 @@ from .llm import EchoReply, LLMError
 from .sentences import SentenceSplitter
 
 
+async def _until_end(queue):
+    """The items put in one of the turn's queues, up to its _END."""
+    while True:
+        item = await queue.get()
+        if item is _END:
+            return
+        yield item
+
+
 class _TurnPipeline(object):
     """The LLM stream -> sentences -> TTS -> video steps of a turn (see the module docstring)."""
 
@@ -75,11 +84,7 @@ class _TurnPipeline(object):
         sentence's chunks go to its own queue, queued in `slots` in sentence order."""
         outstanding = asyncio.Semaphore(max(1, self.config.lookahead))
         try:
-            while True:
-                item = await sentences.get()
-                if item is _END:
-                    break
-                index, text = item
+            async for index, text in _until_end(sentences):
                 await outstanding.acquire()
                 chunks = asyncio.Queue()
                 slots.put_nowait((index, chunks))
@@ -126,16 +131,9 @@ class _TurnPipeline(object):
         """Hand audio to the sink in sentence order, as it arrives; each sentence's whole
         audio then goes to the talking head."""
         try:
-            while True:
-                slot = await slots.get()
-                if slot is _END:
-                    break
-                index, chunks = slot
+            async for index, chunks in _until_end(slots):
                 pcm, rate = bytearray(), None
-                while True:
-                    chunk = await chunks.get()
-                    if chunk is _END:
-                        break
+                async for chunk in _until_end(chunks):
                     if not self._emit(turn, "audio", index, chunk):
                         continue
                     if rate is None:
@@ -153,11 +151,7 @@ class _TurnPipeline(object):
     async def _render(self, turn, video):
         """Each sentence's video, one after another, its segments to the sink as they come."""
         config = self.config.video
-        while True:
-            item = await video.get()
-            if item is _END:
-                return
-            index, wav = item
+        async for index, wav in _until_end(video):
             arguments = dict(config.options, audio=wav)
             if config.chain_frames:
                 arguments["start_frame"] = self._next_frame
